@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install once;
+# the stamp file makes a second run skip the install unless pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ragft-installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	# torch first and pinned: anything unpinned that needs torch would pull several GB of CUDA wheels.
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	# DeepSpeed's build needs the installed torch (no isolation) and compiles no ops up front.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ragft train method=lora strategy=zero2 cluster.num_workers=2
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py
+
+clean:
+	rm -rf runs outputs .pytest_cache

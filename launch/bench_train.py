@@ -1,0 +1,175 @@
+"""Benchmark: ragft's training loop vs a bare hand-written DeepSpeed loop, same run, same inputs.
+
+Both train the same tiny base model on the same tokenized rows, with the same world
+size, micro/global batch, LoRA settings and steps, on CPU with gloo. ragft runs as
+`ragft train` does (Ray Train workers, Ray Data shards, metrics, eval, checkpoints);
+the baseline is `torch.multiprocessing` + `deepspeed.initialize` + a for loop over
+pre-sharded tensors, nothing else. Throughput counts non-pad tokens over the steps
+after the first `--warmup` ones. Prints both figures and ragft / bare.
+
+    python launch/bench_train.py [--steps 40] [--workers 2] [--strategy zero2] [--method lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
+    """Train with ragft; return (steady-state throughput, spec facts the baseline must copy)."""
+    from hydra import compose, initialize_config_dir
+
+    from ragft.cli import CONF_DIR, register_resolvers
+    from ragft.config.schema import register_configs
+    from ragft.config.spec import validate_train
+    from ragft.train.run import run
+
+    register_configs()
+    register_resolvers()
+    overrides = [
+        f"out_dir={out_dir}",
+        f"method={args.method}",
+        f"strategy={args.strategy}",
+        f"cluster.num_workers={args.workers}",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro}",
+        f"train.global_batch_size={args.micro * args.workers * args.accum}",
+        f"train.log_every={args.warmup}",
+        f"train.eval_every={10 * args.steps}",  # eval only at the last step, as the baseline has none
+        f"train.save_every={10 * args.steps}",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        spec = validate_train(compose(config_name="train", overrides=overrides))
+    result = run(spec)
+    windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = windows[1:-1] or windows[1:]  # drop the warmup window and the one holding eval + save
+    tokens_per_s = sum(w["tokens_per_s"] for w in steady) / len(steady)
+    facts = {
+        "base_model": str(out_dir / "base_model"),
+        "train_path": json.loads((out_dir / "spec.json").read_text())["data"]["train_path"],
+        "rows": result["data"]["train_rows"],
+    }
+    return {"tokens_per_s": tokens_per_s, "windows": len(steady)}, facts
+
+
+def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, queue) -> None:
+    """The baseline: what an engineer would write by hand around DeepSpeed."""
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)  # Ray gives each ragft worker one CPU; match it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(args.workers))
+    dist.init_process_group("gloo", rank=rank, world_size=args.workers)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    if args.method == "lora":
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[args.strategy]
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro,
+        "gradient_accumulation_steps": args.accum,
+        "train_batch_size": args.micro * args.accum * args.workers,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=config)
+    table = pq.read_table(rows_path).to_pylist()[rank::args.workers]
+    batches = []
+    for i in range(0, len(table) - args.micro + 1, args.micro):
+        chunk = table[i:i + args.micro]
+        width = max(len(r["input_ids"]) for r in chunk)
+        pad = lambda seq, value: [list(r[seq]) + [value] * (width - len(r[seq])) for r in chunk]  # noqa: E731
+        batches.append({
+            "input_ids": torch.tensor(pad("input_ids", 0)),
+            "labels": torch.tensor(pad("labels", -100)),
+            "position_ids": torch.tensor([list(r["position_ids"]) + list(range(width - len(r["position_ids"])))
+                                          for r in chunk]),
+            "tokens": sum(len(r["input_ids"]) for r in chunk),
+        })
+    micro_steps = args.steps * args.accum
+    tokens, started = 0, None
+    for i in range(micro_steps):
+        if i == args.warmup * args.accum:
+            dist.barrier()
+            tokens, started = 0, time.perf_counter()
+        batch = dict(batches[i % len(batches)])
+        tokens += batch.pop("tokens")
+        loss = engine(**batch, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        loss.item()  # ragft reads the loss every micro-step too
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    total = torch.tensor([tokens], dtype=torch.float64)
+    dist.all_reduce(total)
+    if rank == 0:
+        queue.put({"tokens_per_s": total.item() / seconds})
+    dist.destroy_process_group()
+
+
+def bare_run(args, facts: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=bare_worker, args=(r, args, facts["base_model"], facts["train_path"], port, queue))
+             for r in range(args.workers)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=1800)
+    for p in procs:
+        p.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--strategy", default="zero2", choices=["ddp", "zero1", "zero2", "zero3"])
+    parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    args = parser.parse_args()
+
+    out_dir = Path(tempfile.mkdtemp(prefix="ragft-bench-"))
+    ragft, facts = ragft_run(args, out_dir / "run")
+    import ray
+
+    ray.shutdown()  # free the cores for the baseline
+    bare = bare_run(args, facts)
+    ratio = ragft["tokens_per_s"] / bare["tokens_per_s"]
+    print(f"\nbench_train: {args.method} {args.strategy}, {args.workers} workers, {args.steps} steps "
+          f"(first {args.warmup} excluded), micro batch {args.micro}, accumulation {args.accum}")
+    print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s")
+    print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s")
+    print(f"  ratio ragft/bare: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m ragft` is the `ragft` console script."""
+
+from ragft.cli import main
+
+main()

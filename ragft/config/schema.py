@@ -1,0 +1,149 @@
+"""Typed config schemas: the single home of every default.
+
+Each dataclass is one Hydra config group (or a plain section). YAML files in
+`conf/` only set values; Hydra checks them against these types when it composes,
+so a misspelt key or a string where a number belongs fails at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """What to fine-tune. `source=tiny` builds a small Llama from the fields below."""
+
+    name: str = "tiny"  # label written into manifests and W&B
+    source: str = "tiny"  # "tiny", a hub id, or a local folder for from_pretrained
+    tokenizer: Optional[str] = None  # defaults to `source`; ignored for tiny (trained on the corpus)
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False  # trade compute for activation memory on long sequences
+    # Architecture of the tiny model (used only when source=tiny).
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 384
+    vocab_size: int = 2048  # size of the BPE tokenizer trained on `tokenizer_corpus`
+    tokenizer_corpus: list[str] = field(default_factory=list)  # JSONL files whose strings train it
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class MethodConfig:
+    """Which weights train: all of them (full) or low-rank adapters (lora / qlora)."""
+
+    name: str = "lora"  # full | lora | qlora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    quant_type: str = "nf4"  # qlora only: nf4 | fp4
+
+
+@dataclass
+class StrategyConfig:
+    """How the work is sharded: rendered into a DeepSpeed config by ragft.train.deepspeed_config."""
+
+    name: str = "zero2"  # ddp | zero1 | zero2 | zero3 | zero3_offload
+    zero_stage: int = 2  # 0 = plain data parallel (ddp)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "auto"  # auto (bf16 where the device has it, else fp32) | bf16 | fp32
+    grad_clip: float = 1.0
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's own default).
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = 9_223_372_036_854_775_807
+    max_live_parameters: int = 1_000_000_000
+    reduce_bucket_size: int = 50_000_000
+
+
+@dataclass
+class DataConfig:
+    """Training data: JSONL (chat, prompt/completion or text), a datasets folder, or parquet."""
+
+    name: str = "sample"
+    train_path: str = MISSING
+    eval_path: Optional[str] = None  # when unset, `eval_fraction` of train is held out
+    eval_fraction: float = 0.05
+    format: str = "auto"  # auto | jsonl | hf | parquet
+    max_seq_len: int = 256
+    packing: bool = True  # several examples per row; attention never crosses their boundaries
+    on_bad_row: str = "error"  # error: stop with file and line | skip: skip and count
+
+
+@dataclass
+class ClusterConfig:
+    """Where the workers run: an embedded local Ray (default), a Ray cluster, or Slurm."""
+
+    name: str = "local"  # local | ray | slurm
+    address: Optional[str] = None  # Ray address for cluster=ray (ray://host:10001, host:6379, auto)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0  # worker restarts from the latest checkpoint before the job fails
+    peak_tflops: Optional[float] = None  # per device, for MFU when the GPU is not in ragft's table
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking. Rank 0 only."""
+
+    name: str = "none"  # none | wandb
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "ragft"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation loop. Gradient accumulation is derived, never set."""
+
+    max_steps: int = -1  # optimizer steps; -1 means run `epochs` epochs
+    epochs: int = 1
+    micro_batch_size: int = 8  # rows per worker per forward pass
+    global_batch_size: int = 16  # rows per optimizer step over all workers
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # share of steps with linear warmup before the cosine decay
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    log_every: int = 10
+    eval_every: int = 50
+    eval_max_batches: int = 20  # per worker; bounds the time one eval pass takes
+    save_every: int = 100
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+
+
+@dataclass
+class TrainJobConfig:
+    """The primary config of `ragft train` (conf/train.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    seed: int = 0
+    out_dir: str = MISSING
+    resume: Optional[str] = None  # an earlier run's out_dir, or "latest"
+    cache_dir: str = "${oc.env:RAGFT_CACHE,${oc.env:HOME}/.cache/ragft}"
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files are validated against them when composed."""
+    ConfigStore.instance().store(name="train_schema", node=TrainJobConfig)

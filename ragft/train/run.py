@@ -1,0 +1,202 @@
+"""The driver of `ragft train`: spec → model + data prepared once → Ray Train → result.json.
+
+Everything that can fail on bad input (model config, data rows) runs here before
+Ray starts, so a bad run costs seconds, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ragft.config.spec import ConfigError, DataPlan, TrainSpec
+from ragft.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def run(spec: TrainSpec) -> dict:
+    """Train, write `<out_dir>/result.json`, and return its content."""
+    started = time.perf_counter()
+    out_dir = Path(spec.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"ragft train: run {spec.run_id} → {out_dir}", flush=True)
+
+    spec, tokenizer = prepare_model(spec)
+    spec = prepare_data(spec, tokenizer)
+    plan = spec.plan
+    print(
+        f"data: {plan.num_train_rows} train rows, {plan.num_eval_rows} eval rows, "
+        f"{plan.train_tokens} tokens, packing efficiency {plan.packing_efficiency:.3f}, "
+        f"{plan.num_skipped} bad rows skipped; {plan.total_steps} steps "
+        f"({plan.steps_per_epoch}/epoch, accumulation {spec.grad_accum})",
+        flush=True,
+    )
+    (out_dir / "spec.json").write_text(json.dumps(spec.resolved_config, indent=2, default=str))
+
+    result = fit(spec, pad_id=tokenizer.pad_token_id)
+    summary = write_result(spec, result, time.perf_counter() - started)
+    print_summary(summary)
+    return summary
+
+
+def prepare_model(spec: TrainSpec):
+    """Resolve the base model folder (writing the tiny model's random init) and load its tokenizer."""
+    from ragft.model.build import load_tokenizer, materialize_tiny
+
+    m = spec.model
+    if m.source == "tiny":
+        base = materialize_tiny(m, m.tokenizer_corpus, spec.cache_dir, spec.seed, Path(spec.out_dir) / "base_model")
+        base_path = tokenizer_path = str(base)
+    else:
+        base_path, tokenizer_path = m.source, m.tokenizer or m.source
+    tokenizer = load_tokenizer(tokenizer_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    return replace(spec, base_model_path=base_path, tokenizer_path=tokenizer_path), tokenizer
+
+
+def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
+    """Tokenize and pack once (cached by content hash) and derive the step counts."""
+    from ragft.data.prepare import prepare
+
+    data = prepare(spec.data, tokenizer, spec.cache_dir, spec.seed)
+    t = spec.train
+    rows_per_worker = data.num_train_rows // spec.world_size
+    steps_per_epoch = rows_per_worker // t.micro_batch_size // spec.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError([
+            f"the training data gives {data.num_train_rows} rows, fewer than one optimizer step needs "
+            f"(train.global_batch_size={t.global_batch_size}); lower the batch size or add data"
+        ])
+    total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    plan = DataPlan(
+        train_path=str(data.train_path),
+        eval_path=str(data.eval_path),
+        num_train_rows=data.num_train_rows,
+        num_eval_rows=data.num_eval_rows,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        data_hash=data.data_hash,
+        train_tokens=data.train_tokens,
+        packing_efficiency=data.packing_efficiency,
+        num_skipped=data.num_skipped,
+    )
+    return replace(spec, plan=plan)
+
+
+def fit(spec: TrainSpec, pad_id: int):
+    """Run the worker loop on Ray Train; return Ray's Result."""
+    import ray
+    import ray.data
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ragft.train.loop import train_loop_per_worker
+    from ragft.train.progress import ProgressCallback
+
+    init_ray(spec)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same shards in the same order on every run: resumable
+    ctx.enable_progress_bars = False  # ragft prints one line per logged step instead
+    ctx.print_on_execution_start = False
+    # Read the tokenized rows into the object store now, while the CPUs are idle: started lazily,
+    # the read tasks compete with the training workers and the first batches wait seconds for them.
+    datasets = {
+        "train": ray.data.read_parquet(spec.plan.train_path).materialize(),
+        "eval": ray.data.read_parquet(spec.plan.eval_path).materialize(),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "pad_id": pad_id},
+        scaling_config=ScalingConfig(
+            num_workers=spec.cluster.num_workers,
+            use_gpu=spec.cluster.use_gpu,
+            resources_per_worker={"CPU": spec.cluster.cpus_per_worker, **({"GPU": 1} if spec.cluster.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=spec.run_id,
+            storage_path=str(Path(spec.out_dir) / "ray"),
+            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+            callbacks=[ProgressCallback(spec.plan.total_steps)],
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+def init_ray(spec: TrainSpec) -> None:
+    """Connect to `cluster.address`, or start the embedded local Ray (reused if already up)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if spec.cluster.name == "local" or not spec.cluster.address:
+        # Logical CPUs: the workers take theirs, and Ray Data's readers need some left to feed them.
+        need = spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    else:
+        ray.init(address=spec.cluster.address, log_to_driver=True)
+
+
+def write_result(spec: TrainSpec, result, seconds: float) -> dict:
+    ckpts = checkpoint.complete_checkpoints(spec.checkpoints_dir)
+    final = ckpts[-1] if ckpts else None
+    best, best_loss = None, float("inf")
+    for path in ckpts:
+        loss = json.loads((path / checkpoint.MANIFEST).read_text())["metrics"].get("eval_loss")
+        if loss is not None and loss < best_loss:
+            best, best_loss = path, loss
+    summary = {
+        "run_id": spec.run_id,
+        "out_dir": spec.out_dir,
+        "model": spec.model.name,
+        "method": spec.method.name,
+        "strategy": spec.strategy.name,
+        "num_workers": spec.world_size,
+        "steps": spec.plan.total_steps,
+        "metrics": last_metrics(spec),
+        "final_checkpoint": str(final) if final else None,
+        "best_checkpoint": str(best or final) if final else None,
+        "checkpoints": [str(p) for p in ckpts],
+        "data": {
+            "train_rows": spec.plan.num_train_rows,
+            "eval_rows": spec.plan.num_eval_rows,
+            "train_tokens": spec.plan.train_tokens,
+            "packing_efficiency": spec.plan.packing_efficiency,
+            "bad_rows_skipped": spec.plan.num_skipped,
+            "data_hash": spec.plan.data_hash,
+        },
+        "wall_time_s": round(seconds, 1),
+    }
+    if result.error:
+        summary["error"] = str(result.error)
+    (Path(spec.out_dir) / "result.json").write_text(json.dumps(summary, indent=2))
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}; logs under {spec.out_dir}")
+    return summary
+
+
+def last_metrics(spec: TrainSpec) -> dict:
+    """The final logged metrics, from the history rank 0 wrote (Ray keeps them only with its own checkpoints)."""
+    path = Path(spec.out_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def print_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    print(
+        f"done in {summary['wall_time_s']} s: {summary['steps']} steps, loss {m.get('loss', float('nan')):.4f}, "
+        f"eval loss {m.get('eval_loss', float('nan')):.4f}, {m.get('tokens_per_s', 0):.0f} tokens/s",
+        flush=True,
+    )
+    print(f"checkpoints: {summary['final_checkpoint']} (best: {summary['best_checkpoint']})", flush=True)
+    print(f"result: {Path(summary['out_dir']) / 'result.json'}", flush=True)
