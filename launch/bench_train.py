@@ -60,7 +60,7 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     tokens_per_s = sum(w["tokens_per_s"] for w in steady) / len(steady)
     facts = {
         "base_model": str(out_dir / "base_model"),
-        "train_path": json.loads((out_dir / "spec.json").read_text())["data"]["train_path"],
+        "train_path": json.loads((out_dir / "spec.json").read_text())["plan"]["train_path"],
         "rows": result["data"]["train_rows"],
     }
     return {"tokens_per_s": tokens_per_s, "windows": len(steady)}, facts

@@ -44,6 +44,6 @@ def ray_cluster():
     """The embedded local Ray, started once and shared by all tests that train."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    ray.init(num_cpus=4, configure_logging=False, log_to_driver=True)
     yield
     ray.shutdown()

@@ -79,6 +79,9 @@ class DataConfig:
     max_seq_len: int = 256
     packing: bool = True  # several examples per row; attention never crosses their boundaries
     on_bad_row: str = "error"  # error: stop with file and line | skip: skip and count
+    # A worker keeps its shard in memory after one read when it is smaller than this (MiB); larger
+    # shards stream from Ray Data every epoch. See ragft.data.shard.
+    worker_cache_mb: int = 1024
 
 
 @dataclass

@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 from ragft.config.spec import TrainSpec
-from ragft.data.pack import collate
+from ragft.data.pack import ROW_COLUMNS
+from ragft.data.shard import ShardBatches
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
+from ragft.train.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -37,38 +39,27 @@ Batches = Callable[[int], Iterable[dict]]  # epoch -> micro-batches of tensors
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: the spec and the dataset shards come from Ray."""
     import ray.train
+    from ray.train.v2._internal.execution import context as ray_train_context
 
+    # Ray logs every report at INFO under a logger named after its file; ragft prints its own lines.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     spec: TrainSpec = config["spec"]
     ctx = ray.train.get_context()
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     pad_id = config["pad_id"]
-
-    def batches(shard, drop_last: bool, shuffle: bool) -> Batches:
-        def epoch_batches(epoch: int):
-            return shard.iter_torch_batches(
-                batch_size=spec.train.micro_batch_size,
-                collate_fn=lambda b: collate_columns(b, pad_id),
-                drop_last=drop_last,
-                local_shuffle_buffer_size=4 * spec.train.micro_batch_size if shuffle else None,
-                local_shuffle_seed=spec.seed + epoch if shuffle else None,
-            )
-
-        return epoch_batches
+    plan = spec.plan
+    shard_mb = plan.num_train_rows / spec.world_size * spec.data.max_seq_len * len(ROW_COLUMNS) * 8 / 2**20
+    cache = shard_mb <= spec.data.worker_cache_mb
+    micro = spec.train.micro_batch_size
 
     run_worker(
         spec,
         rank=ctx.get_world_rank(),
-        train_batches=batches(train_shard, drop_last=True, shuffle=True),
-        eval_batches=batches(eval_shard, drop_last=False, shuffle=False),
+        train_batches=ShardBatches(train_shard, micro, pad_id, spec.seed, shuffle=True, drop_last=True, cache=cache),
+        eval_batches=ShardBatches(eval_shard, micro, pad_id, spec.seed, shuffle=False, drop_last=False, cache=cache),
         report=lambda metrics: ray.train.report(metrics),
     )
-
-
-def collate_columns(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Ray Data hands a batch as columns of variable-length arrays; the model wants padded rows."""
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    return collate(rows, pad_id)
 
 
 @dataclass
@@ -81,13 +72,25 @@ class Window:
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def reduce(self, device) -> tuple[float, float, float, float]:
+    def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device) -> dict:
+        """The window's figures over all ranks (a collective: every rank calls it)."""
         totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples], dtype=torch.float64,
                               device=device)
         dist.all_reduce(totals)
         seconds = time.perf_counter() - self.started
         loss_sum, loss_count, tokens, samples = totals.tolist()
-        return loss_sum / max(loss_count, 1), tokens / seconds, samples / seconds, seconds
+        world_size = dist.get_world_size()
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss_sum / max(loss_count, 1),
+            "lr": engine.get_lr()[0],
+            "grad_norm": _grad_norm(engine),
+            "tokens_per_s": tokens / seconds,  # non-pad tokens over all ranks
+            "samples_per_s": samples / seconds,
+            "step_time_s": seconds / max(loss_count / world_size / grad_accum, 1),
+            "total_steps": total_steps,
+        }
 
 
 def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches: Batches, report) -> None:
@@ -110,6 +113,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     )
 
     step, epoch, skip_batches = resume_state(engine, spec, is_rank0)
+    progress = ProgressLine(plan.total_steps)
     window = Window()
     last_eval = None
     while step < plan.total_steps:
@@ -134,38 +138,26 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 continue
             step += 1
             last_step = step == plan.total_steps
-            metrics = None
             if step % spec.train.eval_every == 0 or last_step:
                 last_eval = evaluate(engine, eval_batches, spec, device)
+            metrics = {"step": step}
             if step % spec.train.log_every == 0 or last_step:
-                loss_avg, tok_s, samples_s, seconds = window.reduce(device)
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_avg,
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": _grad_norm(engine),
-                    "tokens_per_s": tok_s,
-                    "samples_per_s": samples_s,
-                    "step_time_s": seconds / max(window.loss_count / spec.grad_accum, 1),
-                    "total_steps": plan.total_steps,
-                }
+                metrics = window.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device)
                 if last_eval is not None:
                     metrics["eval_loss"] = last_eval
                 window = Window()
+                if is_rank0:
+                    append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
+                    print(progress(metrics), flush=True)
             if step % spec.train.save_every == 0 or last_step:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
-                saved = checkpoint.save(engine, engine.module, tokenizer, spec, step,
-                                        metrics or {"step": step}, state, is_rank0)
+                saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, metrics, state, is_rank0)
                 if saved is not None:
                     print(f"saved checkpoint step {step} → {saved.path} "
                           f"({saved.size_bytes / 2**20:.1f} MiB, {saved.seconds:.1f} s)", flush=True)
-                if metrics is not None:
-                    metrics["checkpoint"] = str(spec.checkpoints_dir / str(step))
-            if metrics is not None:
-                if is_rank0:
-                    append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
-                report(metrics)
+                # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so
+                # only checkpoints go through it; the per-step lines above do not.
+                report({**metrics, "checkpoint": str(spec.checkpoints_dir / str(step))})
             if last_step:
                 break
         epoch += 1

@@ -1,28 +1,26 @@
-"""One readable line per logged step, printed by Ray Train's controller as workers report."""
+"""One readable line per logged step: step, loss, eval loss, LR, grad norm, tokens/s and ETA."""
 
 from __future__ import annotations
 
 import time
 
-from ray.train.v2.api.callback import UserCallback
 
+class ProgressLine:
+    """Formats rank 0's metrics; the ETA counts from the first step this process trained."""
 
-class ProgressCallback(UserCallback):
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
         self.started: float | None = None
         self.first_step = 0
 
-    def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]  # rank 0's metrics; losses are already averaged over ranks
-        step = m["step"]
+    def __call__(self, m: dict) -> str:
         now = time.monotonic()
-        if self.started is None:  # also after a restart: the rate counts from here
-            self.started, self.first_step = now, step
-        done = step - self.first_step
-        eta = (now - self.started) / done * (self.total_steps - step) if done > 0 else float("nan")
+        if self.started is None:
+            self.started, self.first_step = now, m["step"] - 1
+        done = m["step"] - self.first_step
+        eta = (now - self.started) / done * (self.total_steps - m["step"]) if done > 0 else float("nan")
         parts = [
-            f"step {step}/{self.total_steps}",
+            f"step {m['step']}/{self.total_steps}",
             f"loss {m['loss']:.4f}",
             f"eval {m['eval_loss']:.4f}" if "eval_loss" in m else None,
             f"lr {m['lr']:.2e}",
@@ -30,7 +28,7 @@ class ProgressCallback(UserCallback):
             f"{m['tokens_per_s']:,.0f} tok/s",
             f"ETA {_clock(eta)}",
         ]
-        print(" | ".join(p for p in parts if p), flush=True)
+        return " | ".join(p for p in parts if p)
 
 
 def _clock(seconds: float) -> str:

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ragft.config.spec import ConfigError, DataPlan, TrainSpec
+from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run(spec: TrainSpec) -> dict:
         f"({plan.steps_per_epoch}/epoch, accumulation {spec.grad_accum})",
         flush=True,
     )
-    (out_dir / "spec.json").write_text(json.dumps(spec.resolved_config, indent=2, default=str))
+    (out_dir / "spec.json").write_text(json.dumps(spec_summary(spec), indent=2, default=str))
 
     result = fit(spec, pad_id=tokenizer.pad_token_id)
     summary = write_result(spec, result, time.perf_counter() - started)
@@ -96,7 +96,6 @@ def fit(spec: TrainSpec, pad_id: int):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ragft.train.loop import train_loop_per_worker
-    from ragft.train.progress import ProgressCallback
 
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
@@ -124,8 +123,9 @@ def fit(spec: TrainSpec, pad_id: int):
             name=spec.run_id,
             storage_path=str(Path(spec.out_dir) / "ray"),
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
-            callbacks=[ProgressCallback(spec.plan.total_steps)],
-            logging_config=LoggingConfig(log_level="WARNING"),
+            logging_config=LoggingConfig(log_level="ERROR"),
+            # Plain prints from the workers: Ray's print-to-logger patch echoes each line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()
@@ -140,8 +140,7 @@ def init_ray(spec: TrainSpec) -> None:
     if spec.cluster.name == "local" or not spec.cluster.address:
         # Logical CPUs: the workers take theirs, and Ray Data's readers need some left to feed them.
         need = spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=spec.cluster.address, log_to_driver=True)
 

@@ -1,0 +1,52 @@
+"""`ragft train` as a user runs it: a subprocess with its own embedded Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragft.sample import sample_path
+
+
+def ragft(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ragft", *args], cwd=cwd, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_data_row_is_reported_with_file_and_line(tmp_path, cache_dir):
+    good = Path(sample_path("train.jsonl")).read_text().splitlines()[:40]
+    rows = good[:2] + ['{"messages": [{"role": "user", "content": "hi"}]}'] + good[2:]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    proc = ragft("train", f"out_dir={out}", "data=jsonl", f"data.train_path={data}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{data}:3:" in proc.stderr and "assistant" in proc.stderr
+    assert not (out / "ray").exists()
+
+    skipped = ragft("train", f"out_dir={tmp_path / 'skip'}", "data=jsonl", f"data.train_path={data}",
+                    "data.on_bad_row=skip", "data.max_seq_len=256", "train.max_steps=1", "cluster.num_workers=1",
+                    "train.global_batch_size=2", "train.micro_batch_size=2", cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    result = json.loads((tmp_path / "skip" / "result.json").read_text())
+    assert result["data"]["bad_rows_skipped"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_train_command_from_the_issue(tmp_path, cache_dir):
+    """`ragft train method=lora strategy=zero3 cluster.num_workers=2 train.max_steps=...` with nothing started."""
+    out = tmp_path / "run"
+    proc = ragft("train", f"out_dir={out}", "method=lora", "strategy=zero3", "cluster.num_workers=2",
+                 "train.max_steps=12", "train.save_every=6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = out / "checkpoints" / "12"
+    assert f"checkpoints: {final}" in proc.stdout
+    assert (final / "adapter_model.safetensors").is_file()
+    result = json.loads((out / "result.json").read_text())
+    assert result["final_checkpoint"] == str(final) and result["metrics"]["step"] == 12
