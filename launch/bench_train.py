@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     result = run(spec)
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steady = windows[1:-1] or windows[1:]  # drop the warmup window and the one holding eval + save
-    tokens_per_s = sum(w["tokens_per_s"] for w in steady) / len(steady)
+    seconds = [w["step_time_s"] * args.warmup for w in steady]  # each window spans log_every = warmup steps
+    tokens_per_s = sum(w["tokens_per_s"] * s for w, s in zip(steady, seconds)) / sum(seconds)
     facts = {
         "base_model": str(out_dir / "base_model"),
         "train_path": json.loads((out_dir / "spec.json").read_text())["plan"]["train_path"],
@@ -155,17 +157,26 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--strategy", default="zero2", choices=["ddp", "zero1", "zero2", "zero3"])
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--repeats", type=int, default=2, help="alternating ragft/bare pairs; medians reported")
     args = parser.parse_args()
 
-    out_dir = Path(tempfile.mkdtemp(prefix="ragft-bench-"))
-    ragft, facts = ragft_run(args, out_dir / "run")
     import ray
 
-    ray.shutdown()  # free the cores for the baseline
-    bare = bare_run(args, facts)
+    ragft_rates, bare_rates = [], []
+    for repeat in range(args.repeats):
+        out_dir = Path(tempfile.mkdtemp(prefix="ragft-bench-"))
+        ragft, facts = ragft_run(args, out_dir / "run")
+        ray.shutdown()  # free the cores for the baseline
+        ragft_rates.append(ragft["tokens_per_s"])
+        bare_rates.append(bare_run(args, facts)["tokens_per_s"])
+        print(f"pair {repeat + 1}: ragft {ragft_rates[-1]:,.0f} tokens/s, bare {bare_rates[-1]:,.0f} tokens/s",
+              flush=True)
+    ragft = {"tokens_per_s": statistics.median(ragft_rates)}
+    bare = {"tokens_per_s": statistics.median(bare_rates)}
     ratio = ragft["tokens_per_s"] / bare["tokens_per_s"]
     print(f"\nbench_train: {args.method} {args.strategy}, {args.workers} workers, {args.steps} steps "
-          f"(first {args.warmup} excluded), micro batch {args.micro}, accumulation {args.accum}")
+          f"(first {args.warmup} excluded), micro batch {args.micro}, accumulation {args.accum}, "
+          f"median of {args.repeats} alternating pairs")
     print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s")
     print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s")
     print(f"  ratio ragft/bare: {ratio:.3f}")
