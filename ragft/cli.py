@@ -30,11 +30,10 @@ def train(cfg: DictConfig) -> None:
     from ragft.config.spec import ConfigError, validate_train
     from ragft.data.rows import BadRowError
     from ragft.data.tokenize import ChatTemplateError
+    from ragft.train.run import Interrupted, run
 
     try:
         spec = validate_train(cfg)
-        from ragft.train.run import run
-
         run(spec)
     except ConfigError as err:
         print(f"ragft train: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
@@ -44,6 +43,9 @@ def train(cfg: DictConfig) -> None:
         print(f"ragft train: bad training data, nothing was started:\n  {err}\n"
               f"  (data.on_bad_row=skip skips bad rows and counts them)", file=sys.stderr)
         return _finish(2)
+    except Interrupted as err:
+        print(f"ragft train: {err}", file=sys.stderr)
+        return _finish(130)
     except Exception as err:
         print(f"ragft train: the job failed: {err}\n  logs: {cfg.out_dir}", file=sys.stderr)
         return _finish(1)
@@ -63,6 +65,10 @@ def main() -> None:
         sys.exit(2)
     command = sys.argv.pop(1)
     sys.argv[0] = f"ragft {command}"
+    if command == "train":
+        from ragft.train.resume import expand_resume
+
+        sys.argv[1:] = expand_resume(sys.argv[1:])
     register_configs()
     register_resolvers()
     app = {"train": train}[command]

@@ -33,8 +33,10 @@ def compose_train(cache_dir, tmp_path):
 
     def _compose(*overrides: str):
         GlobalHydra.instance().clear()
+        if not any(o.startswith("out_dir=") for o in overrides):
+            overrides = (f"out_dir={tmp_path / 'run'}", *overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=[f"out_dir={tmp_path / 'run'}", *overrides])
+            return compose(config_name="train", overrides=list(overrides))
 
     return _compose
 

@@ -107,6 +107,7 @@ class TrackingConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    upload_checkpoint: bool = False  # false: the artifact references the checkpoint's path; true: copies it
 
 
 @dataclass
@@ -142,8 +143,9 @@ class TrainJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     seed: int = 0
+    runs_dir: str = "runs/train"
     out_dir: str = MISSING
-    resume: Optional[str] = None  # an earlier run's out_dir, or "latest"
+    resume: Optional[str] = None  # an earlier run's out_dir, or "latest" (expanded by ragft.train.resume)
     cache_dir: str = "${oc.env:RAGFT_CACHE,${oc.env:HOME}/.cache/ragft}"
 
 

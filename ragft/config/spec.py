@@ -180,15 +180,18 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append(f"tracking.name={job.tracking.name!r} must be none or wandb")
     if job.tracking.mode not in TRACKING_MODES:
         problems.append(f"tracking.mode={job.tracking.mode!r} is not one of {', '.join(TRACKING_MODES)}")
-    if job.resume not in (None, "latest") and not Path(job.resume).is_dir():
-        problems.append(f"resume={job.resume} is not a run folder")
+    if job.resume is not None and not (Path(job.resume) / "spec.json").is_file():
+        problems.append(f"resume={job.resume} is not a ragft train run (no spec.json there)")
+    if job.resume is None and any(Path(job.out_dir, "checkpoints").glob("[0-9]*")):
+        problems.append(f"out_dir={job.out_dir} already holds checkpoints: pass resume={job.out_dir} to continue "
+                        f"that run, or choose another out_dir")
 
     if problems:
         raise ConfigError(problems)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return TrainSpec(
-        run_id=_run_id(),
+        run_id=_previous_run_id(job.resume) or _run_id(),
         out_dir=str(Path(job.out_dir).resolve()),
         cache_dir=str(Path(os.path.expanduser(job.cache_dir)).resolve()),
         model=job.model,
@@ -209,7 +212,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
 
 def config_hash(resolved: dict) -> str:
     """Hash of what decides the result: everything but where outputs go and the resume pointer."""
-    relevant = {k: v for k, v in resolved.items() if k not in ("out_dir", "resume", "hydra")}
+    relevant = {k: v for k, v in resolved.items() if k not in ("out_dir", "runs_dir", "resume", "hydra")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -271,6 +274,13 @@ def _has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def _previous_run_id(resume: str | None) -> str | None:
+    """A resumed run keeps its id, so its checkpoints, metrics and W&B run stay one run."""
+    if resume is None:
+        return None
+    return json.loads((Path(resume) / "spec.json").read_text())["run_id"]
 
 
 def _run_id() -> str:

@@ -2,7 +2,8 @@
 
 Layout of `<out_dir>/checkpoints/<step>/`:
   model.safetensors + config.json (full) or adapter_model.safetensors + adapter_config.json (LoRA),
-  tokenizer files, `deepspeed/` (engine state for resume), `trainer_state.json`, `manifest.json`.
+  tokenizer files, `deepspeed/` (engine state for resume), `rng/rank-<r>.pt` (each rank's RNG streams),
+  `trainer_state.json` (step, epoch, micro-batches consumed), `manifest.json`.
 
 All ranks write into `.tmp-<step>` (DeepSpeed's state is sharded); rank 0 then
 adds the gathered weights and the manifest and renames the folder, so a folder
@@ -14,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +31,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
+RNG_DIR = "rng"
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,10 @@ def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state
     dist.barrier()
 
     engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=trainer_state)
+    save_rng_state(tmp, dist.get_rank())
     weights = gathered_state_dict(model, trainable_only=spec.is_adapter, zero3=spec.strategy.zero_stage == 3,
                                   is_rank0=is_rank0)
+    dist.barrier()  # every rank's shard and RNG state is on disk before rank 0 hashes them
     saved = None
     if is_rank0:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
@@ -88,6 +94,40 @@ def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state
         saved = SavedCheckpoint(step, final, folder_size(final), time.perf_counter() - started)
     dist.barrier()
     return saved
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """Each rank's RNG streams (dropout masks, shuffles), so a resumed run draws what the original would."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    (folder / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(state, folder / RNG_DIR / f"rank-{rank}.pt")
+
+
+def load_rng_state(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG streams; False when the checkpoint has none for it (other world size)."""
+    path = folder / RNG_DIR / f"rank-{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+def latest_valid(checkpoints_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match their manifest; damaged ones are named and skipped."""
+    for folder in reversed(complete_checkpoints(checkpoints_dir)):
+        bad = verify(folder)
+        if not bad:
+            return folder
+        print(f"warning: skipping damaged checkpoint {folder}: sha256 mismatch in {', '.join(bad[:3])}",
+              flush=True)
+    return None
 
 
 def write_manifest(folder: Path, spec, step: int, metrics: dict) -> None:

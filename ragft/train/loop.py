@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,14 @@ from ragft.data.shard import ShardBatches
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
+from ragft.train.flops import flops_per_token, peak_flops_per_device
 from ragft.train.progress import ProgressLine
+from ragft.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 Batches = Callable[[int], Iterable[dict]]  # epoch -> micro-batches of tensors
+STOP_FILE = "STOP"  # written by the driver on Ctrl-C / SIGTERM: save a checkpoint and stop
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,6 +76,12 @@ class Window:
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
+    def add(self, loss: float, tokens: int, samples: int) -> None:
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.tokens += tokens
+        self.samples += samples
+
     def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device) -> dict:
         """The window's figures over all ranks (a collective: every rank calls it)."""
         totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples], dtype=torch.float64,
@@ -101,22 +111,25 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     seed_everything(spec.seed)
 
     tokenizer = load_tokenizer(spec.tokenizer_path)
-    ds_config = render(spec)
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
     model = load_model(spec.base_model_path, spec.model, spec.method, dtype, use_cuda=spec.cluster.use_gpu)
+    throughput = Throughput(flops_per_token(model, spec.is_adapter),
+                            peak_flops_per_device(spec.cluster.peak_tflops, spec.cluster.use_gpu), spec.world_size)
     plan = spec.plan
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
+        config=render(spec),
         lr_scheduler=warmup_cosine(plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio),
     )
-
-    step, epoch, skip_batches = resume_state(engine, spec, is_rank0)
+    step, epoch, skip_batches = resume_state(engine, spec, rank)
+    tracker = make_tracker(spec, is_rank0)
     progress = ProgressLine(plan.total_steps)
+    stop_file = Path(spec.out_dir) / STOP_FILE
     window = Window()
     last_eval = None
-    while step < plan.total_steps:
+    done = step >= plan.total_steps
+    while not done:
         micro = 0
         for i, batch in enumerate(train_batches(epoch)):
             if i >= plan.steps_per_epoch * spec.grad_accum:
@@ -129,39 +142,66 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()
-            window.loss_sum += loss.item()
-            window.loss_count += 1
-            window.tokens += num_tokens
-            window.samples += batch["input_ids"].shape[0]
+            window.add(loss.item(), num_tokens, batch["input_ids"].shape[0])
             micro = i + 1
             if micro % spec.grad_accum:
                 continue
             step += 1
-            last_step = step == plan.total_steps
-            if step % spec.train.eval_every == 0 or last_step:
+            stop = stop_requested(stop_file, device)  # collective: every rank stops at the same step
+            done = stop or step == plan.total_steps
+            if step % spec.train.eval_every == 0 or done:
                 last_eval = evaluate(engine, eval_batches, spec, device)
             metrics = {"step": step}
-            if step % spec.train.log_every == 0 or last_step:
+            if step % spec.train.log_every == 0 or done:
                 metrics = window.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device)
+                metrics.update(throughput(metrics["tokens_per_s"]))
                 if last_eval is not None:
                     metrics["eval_loss"] = last_eval
                 window = Window()
                 if is_rank0:
                     append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
                     print(progress(metrics), flush=True)
-            if step % spec.train.save_every == 0 or last_step:
+                    tracker.log(metrics, step)
+            if step % spec.train.save_every == 0 or done:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
                 saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, metrics, state, is_rank0)
                 if saved is not None:
                     print(f"saved checkpoint step {step} → {saved.path} "
                           f"({saved.size_bytes / 2**20:.1f} MiB, {saved.seconds:.1f} s)", flush=True)
+                    tracker.log({"checkpoint_save_s": saved.seconds}, step)
                 # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so
                 # only checkpoints go through it; the per-step lines above do not.
                 report({**metrics, "checkpoint": str(spec.checkpoints_dir / str(step))})
-            if last_step:
+            if done:
                 break
         epoch += 1
         skip_batches = 0
+    if is_rank0:
+        final = checkpoint.latest_valid(spec.checkpoints_dir)
+        if final is not None:
+            tracker.log_checkpoint(final, int(final.name))
+        tracker.finish()
+
+
+def stop_requested(stop_file: Path, device) -> bool:
+    """True on every rank once any rank sees the driver's stop file (Ctrl-C / SIGTERM on the driver)."""
+    flag = torch.tensor([1.0 if stop_file.exists() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class Throughput:
+    """MFU and memory beside tokens/s; MFU only where the device's peak FLOP/s is known (never on CPU)."""
+
+    def __init__(self, flops_per_token: float, peak_per_device: float | None, world_size: int):
+        self.flops_per_token = flops_per_token
+        self.peak_total = peak_per_device * world_size if peak_per_device else None
+
+    def __call__(self, tokens_per_s: float) -> dict:
+        figures = {"model_tflops": self.flops_per_token * tokens_per_s / 1e12, "mem_gb": _peak_memory_gb()}
+        if self.peak_total:
+            figures["mfu"] = self.flops_per_token * tokens_per_s / self.peak_total
+        return figures
 
 
 def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
@@ -182,19 +222,33 @@ def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def resume_state(engine, spec: TrainSpec, is_rank0: bool) -> tuple[int, int, int]:
-    """(step, epoch, micro-batches to skip) after loading the newest complete checkpoint, if any.
+def resume_state(engine, spec: TrainSpec, rank: int) -> tuple[int, int, int]:
+    """(step, epoch, micro-batches to skip) after loading the newest valid checkpoint, if any.
 
-    A restarted worker group (Ray's FailureConfig) or `resume=` finds it in out_dir.
+    A restarted worker group (Ray's FailureConfig) and `resume=` both land here. Rank 0
+    checks the sha256 of the candidates and every rank loads the one it picked: model,
+    optimizer, LR schedule (DeepSpeed state), its own RNG streams, and the data position.
     """
-    found = checkpoint.complete_checkpoints(spec.checkpoints_dir)
-    if not found:
+    choice = [checkpoint.latest_valid(spec.checkpoints_dir) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    folder: Path | None = choice[0]
+    if folder is None:
         return 0, 0, 0
-    latest: Path = found[-1]
-    _, state = engine.load_checkpoint(str(latest / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG)
-    if is_rank0:
-        print(f"resumed from {latest} (step {state['step']})", flush=True)
+    _, state = engine.load_checkpoint(str(folder / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG)
+    if not checkpoint.load_rng_state(folder, rank):
+        seed_everything(spec.seed + state["step"])  # world size changed: a fresh, still deterministic stream
+    if rank == 0:
+        truncate_history(Path(spec.out_dir) / "metrics.jsonl", state["step"])
+        print(f"resumed from {folder} (step {state['step']}, epoch {state['epoch']}, "
+              f"{state['epoch_batches']} micro-batches into it)", flush=True)
     return state["step"], state["epoch"], state["epoch_batches"]
+
+
+def truncate_history(path: Path, step: int) -> None:
+    """Drop logged steps after `step`: the resumed run logs them again from the checkpoint."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -211,6 +265,13 @@ def seed_everything(seed: int) -> None:
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
+
+
+def _peak_memory_gb() -> float:
+    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def _device(spec: TrainSpec) -> torch.device:

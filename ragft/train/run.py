@@ -6,15 +6,20 @@ Ray starts, so a bad run costs seconds, not a cluster allocation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft.train import checkpoint
+from ragft.train.loop import STOP_FILE
+from ragft.train.tracking import WANDB_INFO
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +43,48 @@ def run(spec: TrainSpec) -> dict:
     )
     (out_dir / "spec.json").write_text(json.dumps(spec_summary(spec), indent=2, default=str))
 
-    result = fit(spec, pad_id=tokenizer.pad_token_id)
+    stop_file = out_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # left by an earlier interrupted attempt
+    init_ray(spec)  # before our handlers: ray.init installs its own SIGTERM handler
+    with stop_on_signal(stop_file):
+        result = fit(spec, pad_id=tokenizer.pad_token_id)
     summary = write_result(spec, result, time.perf_counter() - started)
     print_summary(summary)
+    if stop_file.exists():
+        stop_file.unlink()
+        raise Interrupted(f"stopped at step {summary['metrics'].get('step')} on request; "
+                          f"checkpoint {summary['final_checkpoint']}.\n"
+                          f"  resume with: ragft train resume={spec.out_dir}")
     return summary
+
+
+class Interrupted(RuntimeError):
+    """The driver was asked to stop (Ctrl-C / SIGTERM) and the workers saved a checkpoint first."""
+
+
+@contextlib.contextmanager
+def stop_on_signal(stop_file: Path):
+    """First Ctrl-C / SIGTERM: ask the workers to checkpoint and stop (they poll `stop_file` every step).
+    A second one stops the driver at once; the last complete checkpoint stays intact."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum, frame):
+        if stop_file.exists():
+            raise KeyboardInterrupt
+        stop_file.touch()
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
+              f"(again to stop at once)", flush=True)
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def prepare_model(spec: TrainSpec):
@@ -175,6 +218,9 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
         },
         "wall_time_s": round(seconds, 1),
     }
+    wandb_info = Path(spec.out_dir) / WANDB_INFO
+    if wandb_info.is_file():
+        summary["wandb"] = json.loads(wandb_info.read_text())
     if result.error:
         summary["error"] = str(result.error)
     (Path(spec.out_dir) / "result.json").write_text(json.dumps(summary, indent=2))
@@ -191,11 +237,23 @@ def last_metrics(spec: TrainSpec) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    """The end-of-run table: what ran, how it went, where everything is."""
     m = summary["metrics"]
-    print(
-        f"done in {summary['wall_time_s']} s: {summary['steps']} steps, loss {m.get('loss', float('nan')):.4f}, "
-        f"eval loss {m.get('eval_loss', float('nan')):.4f}, {m.get('tokens_per_s', 0):.0f} tokens/s",
-        flush=True,
-    )
-    print(f"checkpoints: {summary['final_checkpoint']} (best: {summary['best_checkpoint']})", flush=True)
-    print(f"result: {Path(summary['out_dir']) / 'result.json'}", flush=True)
+    rows = [
+        ("run", f"{summary['run_id']} ({summary['model']}, {summary['method']}, {summary['strategy']}, "
+                f"{summary['num_workers']} workers)"),
+        ("steps", f"{m.get('step', 0)}/{summary['steps']} in {summary['wall_time_s']} s"),
+        ("loss / eval loss", f"{m.get('loss', float('nan')):.4f} / {m.get('eval_loss', float('nan')):.4f}"),
+        ("throughput", f"{m.get('tokens_per_s', 0):,.0f} tokens/s, {m.get('samples_per_s', 0):.1f} samples/s, "
+                       f"{m.get('step_time_s', 0):.3f} s/step"),
+        ("MFU", f"{m['mfu']:.1%}" if "mfu" in m else "n/a (no known peak FLOP/s for this device)"),
+        ("peak memory", f"{m.get('mem_gb', 0):.2f} GiB per worker"),
+        ("data", f"{summary['data']['train_rows']} rows, packing efficiency "
+                 f"{summary['data']['packing_efficiency']:.3f}, {summary['data']['bad_rows_skipped']} bad rows skipped"),
+        ("checkpoints", f"{summary['final_checkpoint']} (best: {summary['best_checkpoint']})"),
+        ("W&B", summary["wandb"]["url"] or summary["wandb"]["dir"]) if "wandb" in summary else None,
+        ("result", str(Path(summary["out_dir"]) / "result.json")),
+    ]
+    rows = [r for r in rows if r]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
