@@ -1,6 +1,8 @@
 """`ragft <command> [hydra overrides]`: one Hydra app per command, each a few lines into the package.
 
   ragft train  → ragft.config.spec.validate_train → ragft.train.run.run
+  ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
+  ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
 Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed.
 """
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft.config.schema import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("train",)
+COMMANDS = ("train", "index", "search")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
 
@@ -52,6 +54,52 @@ def train(cfg: DictConfig) -> None:
     _finish(0)
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
+def index(cfg: DictConfig) -> None:
+    from ragft.config.spec import ConfigError
+    from ragft.data.rows import BadRowError
+    from ragft.index.build import run_index, validate_index
+
+    try:
+        run_index(validate_index(cfg))
+    except ConfigError as err:
+        print(f"ragft index: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
+              file=sys.stderr)
+        return _finish(2)
+    except BadRowError as err:
+        print(f"ragft index: bad document, nothing was written:\n  {err}\n"
+              f"  (corpus.on_bad_row=skip skips bad rows and counts them)", file=sys.stderr)
+        return _finish(2)
+    except Exception as err:
+        print(f"ragft index: the job failed: {err}\n  logs: {cfg.out_dir}", file=sys.stderr)
+        return _finish(1)
+    _finish(0)
+
+
+# search only reads: no run folder, no log file, and nothing but hits on stdout (JSON lines).
+SEARCH_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
+def search(cfg: DictConfig) -> None:
+    import json
+
+    from ragft.config.spec import ConfigError
+    from ragft.index.build import run_search, validate_index
+
+    try:
+        hits = run_search(validate_index(cfg, command="search"))
+    except ConfigError as err:
+        print(f"ragft search: the config has {len(err.problems)} problem(s):\n{err}", file=sys.stderr)
+        return _finish(2)
+    except Exception as err:
+        print(f"ragft search: the search failed: {err}", file=sys.stderr)
+        return _finish(1)
+    for hit in hits:
+        print(json.dumps(hit.to_json(), ensure_ascii=False), flush=True)
+    _finish(0)
+
+
 def register_resolvers() -> None:
     from ragft.sample import sample_path
 
@@ -69,9 +117,11 @@ def main() -> None:
         from ragft.train.resume import expand_resume
 
         sys.argv[1:] = expand_resume(sys.argv[1:])
+    if command == "search":
+        sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
     register_configs()
     register_resolvers()
-    app = {"train": train}[command]
+    app = {"train": train, "index": index, "search": search}[command]
     try:
         app()
     except SystemExit as exit_:

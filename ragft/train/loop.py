@@ -31,7 +31,7 @@ from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
 from ragft.train.flops import flops_per_token, peak_flops_per_device
-from ragft.train.progress import ProgressLine
+from ragft.train.progress import Sink, printing_sink
 from ragft.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_batches=ShardBatches(train_shard, micro, pad_id, spec.seed, shuffle=True, drop_last=True, cache=cache),
         eval_batches=ShardBatches(eval_shard, micro, pad_id, spec.seed, shuffle=False, drop_last=False, cache=cache),
         report=lambda metrics: ray.train.report(metrics),
+        events=config["events"],
     )
 
 
@@ -103,7 +104,10 @@ class Window:
         }
 
 
-def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches: Batches, report) -> None:
+def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches: Batches, report,
+               events: Sink | None = None) -> None:
+    """Train to `spec.plan.total_steps`. `report` goes to the cluster manager at each checkpoint;
+    `events` (rank 0 only) feeds the progress display, and defaults to printing lines."""
     import deepspeed
 
     is_rank0 = rank == 0
@@ -122,9 +126,9 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
         config=render(spec),
         lr_scheduler=warmup_cosine(plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio),
     )
-    step, epoch, skip_batches = resume_state(engine, spec, rank)
+    emit = (events or printing_sink(plan.total_steps)) if is_rank0 else (lambda event: None)
+    step, epoch, skip_batches = resume_state(engine, spec, rank, emit)
     tracker = make_tracker(spec, is_rank0)
-    progress = ProgressLine(plan.total_steps)
     stop_file = Path(spec.out_dir) / STOP_FILE
     window = Window()
     last_eval = None
@@ -160,14 +164,14 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 window = Window()
                 if is_rank0:
                     append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
-                    print(progress(metrics), flush=True)
                     tracker.log(metrics, step)
+                emit({"event": "step", **metrics})
             if step % spec.train.save_every == 0 or done:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
                 saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, metrics, state, is_rank0)
                 if saved is not None:
-                    print(f"saved checkpoint step {step} → {saved.path} "
-                          f"({saved.size_bytes / 2**20:.1f} MiB, {saved.seconds:.1f} s)", flush=True)
+                    emit({"event": "checkpoint", "step": step, "path": str(saved.path),
+                          "size_bytes": saved.size_bytes, "seconds": saved.seconds})
                     tracker.log({"checkpoint_save_s": saved.seconds}, step)
                 # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so
                 # only checkpoints go through it; the per-step lines above do not.
@@ -222,7 +226,7 @@ def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def resume_state(engine, spec: TrainSpec, rank: int) -> tuple[int, int, int]:
+def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, int, int]:
     """(step, epoch, micro-batches to skip) after loading the newest valid checkpoint, if any.
 
     A restarted worker group (Ray's FailureConfig) and `resume=` both land here. Rank 0
@@ -239,8 +243,7 @@ def resume_state(engine, spec: TrainSpec, rank: int) -> tuple[int, int, int]:
         seed_everything(spec.seed + state["step"])  # world size changed: a fresh, still deterministic stream
     if rank == 0:
         truncate_history(Path(spec.out_dir) / "metrics.jsonl", state["step"])
-        print(f"resumed from {folder} (step {state['step']}, epoch {state['epoch']}, "
-              f"{state['epoch_batches']} micro-batches into it)", flush=True)
+    emit({"event": "resumed", "path": str(folder), **{k: state[k] for k in ("step", "epoch", "epoch_batches")}})
     return state["step"], state["epoch"], state["epoch_batches"]
 
 

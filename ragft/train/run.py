@@ -139,6 +139,7 @@ def fit(spec: TrainSpec, pad_id: int):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ragft.train.loop import train_loop_per_worker
+    from ragft.train.progress import DriverProgress
 
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
@@ -151,9 +152,10 @@ def fit(spec: TrainSpec, pad_id: int):
         "train": ray.data.read_parquet(spec.plan.train_path).materialize(),
         "eval": ray.data.read_parquet(spec.plan.eval_path).materialize(),
     }
+    progress = DriverProgress(spec.plan.total_steps)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "pad_id": pad_id},
+        train_loop_config={"spec": spec, "pad_id": pad_id, "events": progress.sink()},
         scaling_config=ScalingConfig(
             num_workers=spec.cluster.num_workers,
             use_gpu=spec.cluster.use_gpu,
@@ -168,10 +170,14 @@ def fit(spec: TrainSpec, pad_id: int):
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
             logging_config=LoggingConfig(log_level="ERROR"),
             # Plain prints from the workers: Ray's print-to-logger patch echoes each line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                **({} if spec.cluster.use_gpu else {"DS_ACCELERATOR": "cpu"}),  # not a guess, no warning
+            }},
         ),
     )
-    return trainer.fit()
+    with progress:
+        return trainer.fit()
 
 
 def init_ray(spec: TrainSpec) -> None:

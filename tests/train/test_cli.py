@@ -28,13 +28,7 @@ def test_bad_data_row_is_reported_with_file_and_line(tmp_path, cache_dir):
     assert proc.returncode == 2, proc.stderr
     assert f"{data}:3:" in proc.stderr and "assistant" in proc.stderr
     assert not (out / "ray").exists()
-
-    skipped = ragft("train", f"out_dir={tmp_path / 'skip'}", "data=jsonl", f"data.train_path={data}",
-                    "data.on_bad_row=skip", "data.max_seq_len=256", "train.max_steps=1", "cluster.num_workers=1",
-                    "train.global_batch_size=2", "train.micro_batch_size=2", cwd=tmp_path)
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    result = json.loads((tmp_path / "skip" / "result.json").read_text())
-    assert result["data"]["bad_rows_skipped"] == 1
+    # data.on_bad_row=skip is covered, with its count, in tests/data (prepare and read_examples)
 
 
 @pytest.mark.ray
@@ -46,7 +40,7 @@ def test_train_command_from_the_issue(tmp_path, cache_dir):
                  "train.max_steps=12", "train.save_every=6", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = out / "checkpoints" / "12"
-    assert f"checkpoints: {final}" in proc.stdout
+    assert any(line.split()[:2] == ["checkpoints", str(final)] for line in proc.stdout.splitlines()), proc.stdout
     assert (final / "adapter_model.safetensors").is_file()
     result = json.loads((out / "result.json").read_text())
     assert result["final_checkpoint"] == str(final) and result["metrics"]["step"] == 12

@@ -56,6 +56,11 @@ def test_train_lowers_loss_and_saves_loadable_checkpoints(ray_cluster, compose_t
     result = train(compose_train, f"method={method}", f"strategy={strategy}", "train.max_steps=8", f"train.lr={lr}")
     steps = history(result)
     assert [m["step"] for m in steps] == [2, 4, 6, 8]
+    if (method, strategy) == ("lora", "zero2"):
+        # Seed 0, 2 workers: a silent change to the init, data order, masking, packing or loop moves these.
+        first = [m["loss"] for m in steps[:2]]
+        assert first == pytest.approx(PINNED_LORA_ZERO2, abs=1e-4), first
+        assert result["data"]["packing_efficiency"] >= 0.95
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, steps
     assert steps[-1]["eval_loss"] < steps[1]["eval_loss"], steps  # eval runs at step 4 and 8
 
@@ -100,14 +105,5 @@ def test_zero3_lora_adapter_equals_gathered_weights(ray_cluster, compose_train):
     assert all(saved[n].abs().sum() > 0 for n in saved if "lora_B" in n)
 
 
-def test_pinned_first_losses(ray_cluster, compose_train):
-    """Seed 0, LoRA + ZeRO-2, 2 workers: the first three losses. A silent change to the model init,
-    the data order, masking, packing or the loop moves them."""
-    result = train(compose_train, "method=lora", "strategy=zero2", "train.max_steps=3", "train.log_every=1",
-                   "train.eval_every=3", "train.save_every=3", "train.lr=1e-2")
-    losses = [m["loss"] for m in history(result)]
-    assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4), losses
-    assert result["data"]["packing_efficiency"] >= 0.95
 
-
-PINNED_LOSSES = [7.587125, 7.280352, 7.072242]  # measured; identical across runs
+PINNED_LORA_ZERO2 = [7.433739, 7.423734]  # mean loss of steps 1-2 and 3-4; identical across runs
