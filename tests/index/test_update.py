@@ -168,3 +168,24 @@ def test_changing_chunking_re_embeds_everything(tmp_path, build):
     assert stats.full_rebuild_reason and "chunk_tokens" in stats.full_rebuild_reason
     assert (stats.changed, stats.unchanged, stats.embedded) == (12, 0, stats.chunks)
     assert stats.chunks > 12  # 48-token chunks: most documents now take two or three
+
+
+def test_concurrent_writers_take_turns(index_copy, build):
+    """Two updates at once: the lock serialises them, and the second builds on the first's version."""
+    errors = []
+
+    def delete(doc_id):
+        try:
+            build(index_copy, "corpus.path=null", f"index.delete_ids=[{doc_id}]")
+        except Exception as err:
+            errors.append(err)
+
+    writers = [threading.Thread(target=delete, args=(d,)) for d in ("ferry-0001", "ferry-0002")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors, errors
+    manifest = versions.read_manifest(index_copy)
+    assert (manifest["version"], manifest["documents"]) == (3, 278)
+    assert not {"ferry-0001", "ferry-0002"} & set(current_chunks(index_copy).doc_ids)
