@@ -180,7 +180,8 @@ _PARSERS = {"chat": _parse_chat, "prompt_completion": _parse_prompt_completion, 
 # --- sources: each yields (origin, decoded row), or (origin, BadRowError) for a row it cannot decode ---
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """("path:line", decoded object) per non-blank line, or ("path:line", BadRowError) for one that is not JSON."""
     # Bytes, decoded per line, so one line of broken UTF-8 is one bad row rather than a crash.
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -234,4 +235,4 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-_ROW_READERS = {"jsonl": _jsonl_rows, "hf": _hf_rows, "parquet": _parquet_rows}
+_ROW_READERS = {"jsonl": jsonl_rows, "hf": _hf_rows, "parquet": _parquet_rows}

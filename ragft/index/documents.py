@@ -12,12 +12,11 @@ text): an update re-embeds a document only when that hash changes.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ragft.data.rows import BadRowError
+from ragft.data.rows import BadRowError, jsonl_rows
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -112,21 +111,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix not in JSONL_SUFFIXES:
         raise BadRowError(str(path), None, f"a corpus file must be JSONL ({', '.join(JSONL_SUFFIXES)}); "
                                            "for .txt / .md files point corpus.path at their folder")
-    # Bytes, decoded per line, so one line of broken UTF-8 is one bad row rather than a crash.
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            origin = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield origin, BadRowError.at(origin, f"not UTF-8 text: {err.reason} at byte {err.start}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield origin, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield origin, BadRowError.at(origin, f"invalid JSON: {err.msg} at column {err.colno}")
+    yield from jsonl_rows(str(path))
 
 
 def _folder_rows(folder: Path, extensions: tuple[str, ...]) -> Iterator[tuple[str, Any]]:

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ragft.config.spec import validate_train
-from ragft.train.checkpoint import MANIFEST, complete_checkpoints, latest_valid, verify
+from ragft.train.checkpoint import complete_checkpoints, latest_valid, verify
 from ragft.train.run import run
 from helpers.wandb_offline import read_offline_run
 
