@@ -196,12 +196,16 @@ class IndexConfig:
 
 @dataclass
 class RetrievalConfig:
-    """How a query finds chunks: dense (FAISS), bm25, or both fused by reciprocal rank (hybrid)."""
+    """How a query finds chunks: dense (FAISS), bm25, or both fused (hybrid)."""
 
     mode: str = "hybrid"  # dense | bm25 | hybrid
+    # relative: each list's scores min-max normalised to [0, 1] and averaged, so a retriever that is
+    # sure (one hit far above its others) is heard; rrf: reciprocal rank fusion, ranks only.
+    fusion: str = "relative"
     fetch_k: int = 50  # hits each retriever contributes before fusion (at least k)
     rrf_k: int = 60  # reciprocal rank fusion constant: larger flattens the weight of the top ranks
-    min_score: Optional[float] = None  # drop hits scoring below: cosine (dense), BM25 (bm25) or RRF (hybrid)
+    # drop hits scoring below: cosine (dense), BM25 (bm25), fused score (hybrid: 0-1 relative, ~0.016-0.033 rrf)
+    min_score: Optional[float] = None
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
 

@@ -22,6 +22,7 @@ from ragft.index.versions import is_index
 
 COMMANDS = ("index", "search")
 MODES = ("dense", "bm25", "hybrid")
+FUSIONS = ("relative", "rrf")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -111,6 +112,8 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
         problems.append(f"k={job.k} must be at least 1")
     if r.fetch_k < 1:
         problems.append(f"retrieval.fetch_k={r.fetch_k} must be at least 1")
+    if r.fusion not in FUSIONS:
+        problems.append(f"retrieval.fusion={r.fusion!r} is not one of {', '.join(FUSIONS)}")
     if r.rrf_k < 0:
         problems.append(f"retrieval.rrf_k={r.rrf_k} must be at least 0")
     if r.bm25_k1 < 0 or not 0 <= r.bm25_b <= 1:

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from ragft.index import Index
-from ragft.index.index import rrf
+from ragft.index.index import relative, rrf
 from ragft.sample import sample_path
 
 RECALL_FLOOR = {"dense": 0.97, "bm25": 0.995, "hybrid": 0.99}
@@ -41,16 +41,9 @@ def test_recall_at_5_per_mode(qa, runs):
     print("\nrecall@5 on qa.jsonl: " + ", ".join(f"{m} {r:.3f}" for m, r in recall.items()))
     for mode, floor in RECALL_FLOOR.items():
         assert recall[mode] >= floor, (mode, recall[mode])
-    # RRF only sees ranks: a gold chunk that one list ranks first and the other misses entirely scores
-    # 1/(60+1), below any chunk both lists rank in their top ~60. So fusion may lose, at most, the
-    # questions where one retriever misses the gold chunk within the fused depth (fetch_k = 50),
-    # and we allow exactly that, measured, plus nothing else.
-    dense_miss = 1 - recall_at(50, qa, runs["dense"])
-    bm25_miss = 1 - recall_at(50, qa, runs["bm25"])
-    margin = dense_miss + bm25_miss
-    print(f"fusion margin: dense misses {dense_miss:.3f}, bm25 misses {bm25_miss:.3f} at depth 50")
-    assert margin <= 0.02
-    assert recall["hybrid"] >= max(recall["dense"], recall["bm25"]) - margin
+    # Relative-score fusion (the default) keeps BM25's clear lead on name questions, so hybrid is held to
+    # the better of the two with no margin. (RRF, ranks only, lost one of 387 here: 0.997 vs bm25 1.000.)
+    assert recall["hybrid"] >= max(recall["dense"], recall["bm25"])
 
 
 def test_hits_carry_offsets_and_scores_in_order(sample_index, corpus):
@@ -82,3 +75,13 @@ def test_rrf_rewards_agreement_and_is_deterministic():
     assert fused[0][0] == 3  # in both lists
     assert fused[0][1] == pytest.approx(1 / 63 + 1 / 61)
     assert [row for row, _ in fused] == [3, 1, 2, 4]  # 2 and 4 tie on 1/62 (both rank 2): the lower row first
+
+
+def test_relative_fusion_keeps_a_clear_lead_and_is_deterministic():
+    dense = [(1, 0.62), (2, 0.61), (3, 0.605), (4, 0.60), (5, 0.10)]  # unsure: near-equal top cosines
+    bm25 = [(4, 20.0), (2, 5.0), (6, 4.0)]  # sure: an exact name match far ahead of the rest
+    fused = relative([dense, bm25])
+    assert fused[0][0] == 4 and fused[1][0] == 2
+    assert fused[0][1] == pytest.approx(((0.60 - 0.10) / (0.62 - 0.10) + 1.0) / 2)
+    assert rrf([dense, bm25], k=60)[0][0] == 2  # ranks only: 1/62 + 1/62 beats 1/64 + 1/61
+    assert relative([[(7, 1.0), (8, 1.0)]]) == [(7, 1.0), (8, 1.0)]  # equal scores: all 1, lower row first
