@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import shutil
 import time
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"

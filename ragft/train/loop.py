@@ -34,7 +34,6 @@ from ragft.train.flops import flops_per_token, peak_flops_per_device
 from ragft.train.progress import Sink, printing_sink
 from ragft.train.tracking import make_tracker
 
-log = logging.getLogger(__name__)
 
 Batches = Callable[[int], Iterable[dict]]  # epoch -> micro-batches of tensors
 STOP_FILE = "STOP"  # written by the driver on Ctrl-C / SIGTERM: save a checkpoint and stop

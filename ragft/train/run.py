@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import threading
@@ -21,7 +20,6 @@ from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
 from ragft.train.tracking import WANDB_INFO
 
-log = logging.getLogger(__name__)
 
 
 def run(spec: TrainSpec) -> dict:
