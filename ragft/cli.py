@@ -3,13 +3,15 @@
   ragft train  → ragft.config.spec.validate_train → ragft.train.run.run
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
-Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed.
+  ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
+Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -17,63 +19,55 @@ from omegaconf import DictConfig, OmegaConf
 from ragft.config.schema import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("train", "index", "search")
+COMMANDS = ("train", "index", "search", "serve")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
 
 
-def _finish(code: int) -> None:
+def _guarded(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> None:
+    """Run a command body and map what it raises to an exit code and one message on stderr."""
+    from ragft.config.spec import ConfigError
+    from ragft.data.rows import BadRowError
+    from ragft.data.tokenize import ChatTemplateError
+
     global _exit_code
-    _exit_code = code
+    try:
+        body()
+    except ConfigError as err:
+        print(f"ragft {command}: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
+              file=sys.stderr)
+        _exit_code = 2
+    except (BadRowError, ChatTemplateError) as err:
+        print(f"ragft {command}: bad input, nothing was started:\n  {err}{bad_input_hint}", file=sys.stderr)
+        _exit_code = 2
+    except Exception as err:
+        code = getattr(err, "exit_code", 1)  # e.g. train's Interrupted: 130, with its resume command
+        print(f"ragft {command}: {err}" if code != 1 else f"ragft {command}: the job failed: {err}\n  logs: {logs}",
+              file=sys.stderr)
+        _exit_code = code
+    else:
+        _exit_code = 0
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train(cfg: DictConfig) -> None:
-    from ragft.config.spec import ConfigError, validate_train
-    from ragft.data.rows import BadRowError
-    from ragft.data.tokenize import ChatTemplateError
-    from ragft.train.run import Interrupted, run
+    def body() -> None:
+        from ragft.config.spec import validate_train
+        from ragft.train.run import run
 
-    try:
-        spec = validate_train(cfg)
-        run(spec)
-    except ConfigError as err:
-        print(f"ragft train: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
-              file=sys.stderr)
-        return _finish(2)
-    except (BadRowError, ChatTemplateError) as err:
-        print(f"ragft train: bad training data, nothing was started:\n  {err}\n"
-              f"  (data.on_bad_row=skip skips bad rows and counts them)", file=sys.stderr)
-        return _finish(2)
-    except Interrupted as err:
-        print(f"ragft train: {err}", file=sys.stderr)
-        return _finish(130)
-    except Exception as err:
-        print(f"ragft train: the job failed: {err}\n  logs: {cfg.out_dir}", file=sys.stderr)
-        return _finish(1)
-    _finish(0)
+        run(validate_train(cfg))
+
+    _guarded("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
 def index(cfg: DictConfig) -> None:
-    from ragft.config.spec import ConfigError
-    from ragft.data.rows import BadRowError
-    from ragft.index.build import run_index, validate_index
+    def body() -> None:
+        from ragft.index.build import run_index, validate_index
 
-    try:
         run_index(validate_index(cfg))
-    except ConfigError as err:
-        print(f"ragft index: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
-              file=sys.stderr)
-        return _finish(2)
-    except BadRowError as err:
-        print(f"ragft index: bad document, nothing was written:\n  {err}\n"
-              f"  (corpus.on_bad_row=skip skips bad rows and counts them)", file=sys.stderr)
-        return _finish(2)
-    except Exception as err:
-        print(f"ragft index: the job failed: {err}\n  logs: {cfg.out_dir}", file=sys.stderr)
-        return _finish(1)
-    _finish(0)
+
+    _guarded("index", body, cfg.out_dir, "\n  (corpus.on_bad_row=skip skips bad rows and counts them)")
 
 
 # search only reads: no run folder, no log file, and nothing but hits on stdout (JSON lines).
@@ -85,22 +79,29 @@ def search(cfg: DictConfig) -> None:
     import contextlib
     import json
 
-    from ragft.config.spec import ConfigError
-    from ragft.index.build import run_search, validate_index
+    hits = []
 
-    try:
+    def body() -> None:
+        from ragft.index.build import run_search, validate_index
+
         # Libraries print on import (transformers announces WANDB_MODE=offline): stdout is for hits only.
         with contextlib.redirect_stdout(sys.stderr):
-            hits = run_search(validate_index(cfg, command="search"))
-    except ConfigError as err:
-        print(f"ragft search: the config has {len(err.problems)} problem(s):\n{err}", file=sys.stderr)
-        return _finish(2)
-    except Exception as err:
-        print(f"ragft search: the search failed: {err}", file=sys.stderr)
-        return _finish(1)
+            hits.extend(run_search(validate_index(cfg, command="search")))
+
+    _guarded("search", body, "stderr")
     for hit in hits:
         print(json.dumps(hit.to_json(), ensure_ascii=False), flush=True)
-    _finish(0)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
+def serve(cfg: DictConfig) -> None:
+    def body() -> None:
+        from ragft.serve.run import run_serve
+        from ragft.serve.spec import validate_serve
+
+        run_serve(validate_serve(cfg))
+
+    _guarded("serve", body, cfg.out_dir)
 
 
 def register_resolvers() -> None:
@@ -124,7 +125,7 @@ def main() -> None:
         sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
     register_configs()
     register_resolvers()
-    app = {"train": train, "index": index, "search": search}[command]
+    app = {"train": train, "index": index, "search": search, "serve": serve}[command]
     try:
         app()
     except SystemExit as exit_:

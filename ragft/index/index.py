@@ -40,10 +40,11 @@ class Hit:
     score: float  # cosine (dense), BM25 (bm25) or reciprocal-rank fusion (hybrid)
     start: int  # character offsets of `text` in the document's text
     end: int
+    title: str | None = None  # the document's title
 
     def to_json(self) -> dict:
         return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "score": self.score, "start": self.start,
-                "end": self.end, "text": self.text}
+                "end": self.end, "title": self.title, "text": self.text}
 
 
 class _Loaded:
@@ -76,7 +77,8 @@ class _Loaded:
 
     def hit(self, row: int, score: float) -> Hit:
         c = self.chunks
-        return Hit(c.doc_ids[row], c.chunk_ids[row], c.texts[row], float(score), c.starts[row], c.ends[row])
+        return Hit(c.doc_ids[row], c.chunk_ids[row], c.texts[row], float(score), c.starts[row], c.ends[row],
+                   self.titles.get(c.doc_ids[row]))
 
 
 class Index:
@@ -131,6 +133,11 @@ class Index:
     def search_many(self, queries: Sequence[str], k: int = 5, *, mode: str | None = None,
                     min_score: float | None = None) -> list[list[Hit]]:
         """`search` for several queries, embedding them in one batch."""
+        return self.search_versioned(queries, k, mode=mode, min_score=min_score)[1]
+
+    def search_versioned(self, queries: Sequence[str], k: int = 5, *, mode: str | None = None,
+                         min_score: float | None = None) -> tuple[int, list[list[Hit]]]:
+        """`search_many`, and the version the hits come from (citations name it: chunk ids are reused)."""
         loaded = self._loaded  # one version for the whole call, whatever reload() does meanwhile
         mode = mode or self.retrieval.mode
         if mode not in MODES:
@@ -151,7 +158,7 @@ class Index:
             if min_score is not None:
                 ranked = [(row, score) for row, score in ranked if score >= min_score]
             results.append([loaded.hit(row, score) for row, score in ranked[:k]])
-        return results
+        return loaded.version, results
 
     def _dense(self, loaded: _Loaded, queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
         vectors = self.embedder(loaded).encode_queries(list(queries))

@@ -62,6 +62,8 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
         raise ConfigError([_first_line(err)]) from None
 
     c, i, r = job.corpus, job.index, job.retrieval
+    if i.path is None:
+        raise ConfigError(["index.path is required (set index.path=<dir>)"])
     problems: list[str] = []
     index_exists = is_index(i.path)
 
@@ -106,18 +108,9 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
     # --- store and retrieval
     if i.kind not in KINDS:
         problems.append(f"index.kind={i.kind!r} is not one of {', '.join(KINDS)}")
-    if r.mode not in MODES:
-        problems.append(f"retrieval.mode={r.mode!r} is not one of {', '.join(MODES)}")
+    problems += check_retrieval(r)
     if job.k < 1:
         problems.append(f"k={job.k} must be at least 1")
-    if r.fetch_k < 1:
-        problems.append(f"retrieval.fetch_k={r.fetch_k} must be at least 1")
-    if r.fusion not in FUSIONS:
-        problems.append(f"retrieval.fusion={r.fusion!r} is not one of {', '.join(FUSIONS)}")
-    if r.rrf_k < 0:
-        problems.append(f"retrieval.rrf_k={r.rrf_k} must be at least 0")
-    if r.bm25_k1 < 0 or not 0 <= r.bm25_b <= 1:
-        problems.append(f"retrieval.bm25_k1={r.bm25_k1} must be >= 0 and retrieval.bm25_b={r.bm25_b} in [0, 1]")
 
     if problems:
         raise ConfigError(problems)
@@ -133,6 +126,22 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
         out_dir=str(Path(job.out_dir).expanduser().resolve()),
         resolved_config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def check_retrieval(r: RetrievalConfig) -> list[str]:
+    """Problems of a `retrieval` section (shared by index, search, eval and serve)."""
+    problems = []
+    if r.mode not in MODES:
+        problems.append(f"retrieval.mode={r.mode!r} is not one of {', '.join(MODES)}")
+    if r.fetch_k < 1:
+        problems.append(f"retrieval.fetch_k={r.fetch_k} must be at least 1")
+    if r.fusion not in FUSIONS:
+        problems.append(f"retrieval.fusion={r.fusion!r} is not one of {', '.join(FUSIONS)}")
+    if r.rrf_k < 0:
+        problems.append(f"retrieval.rrf_k={r.rrf_k} must be at least 0")
+    if r.bm25_k1 < 0 or not 0 <= r.bm25_b <= 1:
+        problems.append(f"retrieval.bm25_k1={r.bm25_k1} must be >= 0 and retrieval.bm25_b={r.bm25_b} in [0, 1]")
+    return problems
 
 
 def _check_corpus(c: CorpusConfig, i: IndexConfig, index_exists: bool) -> list[str]:

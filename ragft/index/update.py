@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -62,14 +63,18 @@ def settings_of(spec: IndexSpec) -> dict:
             "chunk_overlap": i.chunk_overlap, "prepend_title": i.prepend_title}
 
 
-def update_index(spec: IndexSpec, embedder: Embedder | None = None) -> UpdateStats:
-    """Build `spec.index_path` from `spec.corpus_path`, or publish the next version of the index there."""
+def update_index(spec: IndexSpec, embedder: Embedder | None = None,
+                 documents: Sequence[Document] = ()) -> UpdateStats:
+    """Build `spec.index_path` from `spec.corpus_path`, or publish the next version of the index there.
+
+    `documents` are upserted like rows of the corpus (ragft serve's live updates pass them here).
+    """
     timer = _Timer()
     stats = UpdateStats()
-    incoming: list[Document] = []
+    incoming: list[Document] = list(documents)
     if spec.corpus_path:
         read = read_documents(spec.corpus_path, spec.corpus.on_bad_row, tuple(spec.corpus.extensions))
-        incoming, stats.bad_rows_skipped = read.documents, len(read.skipped)
+        incoming, stats.bad_rows_skipped = read.documents + incoming, len(read.skipped)
         if read.skipped:
             log.warning("skipped %d bad document rows (corpus.on_bad_row=skip); first: %s", len(read.skipped),
                         read.skipped[0])

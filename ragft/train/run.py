@@ -59,6 +59,8 @@ def run(spec: TrainSpec) -> dict:
 class Interrupted(RuntimeError):
     """The driver was asked to stop (Ctrl-C / SIGTERM) and the workers saved a checkpoint first."""
 
+    exit_code = 130
+
 
 @contextlib.contextmanager
 def stop_on_signal(stop_file: Path):

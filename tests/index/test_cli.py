@@ -22,7 +22,7 @@ def test_search_prints_json_lines(sample_index, tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     hits = [json.loads(line) for line in proc.stdout.splitlines()]  # nothing but JSON on stdout
     assert len(hits) == 3
-    assert set(hits[0]) == {"doc_id", "chunk_id", "score", "start", "end", "text"}
+    assert set(hits[0]) == {"doc_id", "chunk_id", "score", "start", "end", "title", "text"}
     assert hits[0]["doc_id"] == "ferry-0009"
     for h in hits:
         assert corpus[h["doc_id"]]["text"][h["start"]:h["end"]] == h["text"]

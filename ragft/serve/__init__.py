@@ -1,0 +1,1 @@
+"""ragft serve: Ray Serve deployments for retrieval + generation behind an OpenAI-compatible API."""

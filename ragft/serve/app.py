@@ -1,0 +1,42 @@
+"""`build_app`: the validated serve spec → one Ray Serve application (Ingress → Retriever, Generator)."""
+
+from __future__ import annotations
+
+import os
+
+from ray.serve import Application
+
+from ragft.config.schema import DeploymentConfig
+from ragft.serve.deployments import Generator, Retriever
+from ragft.serve.ingress import Ingress
+from ragft.serve.spec import ServeSpec
+
+# Forwarded to the replicas: the offline switches and caches must hold there as they do in the driver.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "RAGFT_CACHE",
+                 "TOKENIZERS_PARALLELISM")
+
+
+def build_app(spec: ServeSpec, context_length: int) -> Application:
+    s = spec.serve
+    engine = dict(base_path=spec.base_path, base_name=spec.base_name, adapters=spec.adapters,
+                  full_models=spec.full_models, device=s.device, dtype=s.dtype)
+    generator = Generator.options(**deployment_options(s.generator)).bind(
+        engine, s.batch.enabled, s.batch.max_batch_size, s.batch.batch_wait_timeout_s)
+    retriever = None
+    if spec.index_path:
+        retriever = Retriever.options(**deployment_options(s.retriever)).bind(
+            spec.index_path, spec.index, spec.retrieval)
+    return Ingress.options(**deployment_options(s.ingress)).bind(retriever, generator, spec, context_length)
+
+
+def deployment_options(d: DeploymentConfig) -> dict:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    options = {"max_ongoing_requests": d.max_ongoing_requests,
+               "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus,
+                                     "runtime_env": {"env_vars": env}}}
+    if d.max_replicas > d.min_replicas:
+        options["autoscaling_config"] = {"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
+                                         "target_ongoing_requests": d.target_ongoing_requests}
+    else:
+        options["num_replicas"] = d.min_replicas
+    return options

@@ -1,0 +1,146 @@
+"""The OpenAI wire format: request schemas, the error shape, and response / stream-chunk builders.
+
+Requests are validated with pydantic (unknown OpenAI fields are ignored, as OpenAI-compatible
+servers do); every failure becomes an `APIError`, rendered in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status. ragft's additions are a
+`rag` object in the request (`extra_body={"rag": {...}}` in the openai client) and `citations`
+beside `choices` in the response (and in the last chunk of a stream).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class RagOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: Optional[bool] = None  # null: the server's default for the route
+    k: Optional[int] = Field(default=None, ge=1)
+    mode: Optional[Literal["dense", "bm25", "hybrid"]] = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    rag: Optional[RagOptions] = None
+    user: Optional[str] = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise bad_request(f"stop: at most 4 stop sequences, got {len(stops)}", "stop")
+        if any(not s for s in stops):
+            raise bad_request("stop: stop sequences must be non-empty strings", "stop")
+        return tuple(stops)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    """Decode and validate a request body, or raise the APIError a client should see."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
+        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
+        more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+        raise bad_request(f"{param}: {first['msg']}{more}", param, code) from None
+
+
+def _is_union_member(loc_item) -> bool:
+    """pydantic names the union member that failed in `loc` ("str", "list[str]"); clients want the field."""
+    return isinstance(loc_item, str) and (loc_item in ("str", "int", "float", "bool", "dict", "list", "none")
+                                          or "[" in loc_item or "-" in loc_item)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, extra: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                         "finish_reason": c["finish_reason"], "logprobs": None} for c in choices],
+            "usage": usage_, "system_fingerprint": None, **extra}
+
+
+def completion_response(rid: str, model: str, choices: list[dict], usage_: dict, extra: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                         "logprobs": None} for c in choices],
+            "usage": usage_, "system_fingerprint": None, **extra}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: Optional[str]) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: Optional[str]) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"

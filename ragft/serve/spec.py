@@ -1,0 +1,290 @@
+"""The validated, frozen spec of `ragft serve`: which models, which index, which keys, which limits.
+
+`validate_serve` turns a composed conf/serve.yaml into a `ServeSpec` or raises
+`ragft.config.spec.ConfigError` listing every problem at once, before Ray is touched.
+Checkpoints resolve here: a folder is read for what it is (a LoRA adapter, a full model, a
+plain model), `checkpoint=latest` names the newest complete checkpoint under train_runs_dir,
+and every checkpoint with a manifest is checked against its sha256 sums.
+
+Model ids in requests only ever select from the catalog built here; an id is never joined
+to a path, so no request can make the server read outside the folders configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
+from ragft.config.spec import ConfigError
+from ragft.index.spec import check_retrieval
+from ragft.index.versions import is_index
+from ragft.rag import check_templates
+from ragft.serve.keys import KeyRing, load_keys
+from ragft.train import checkpoint as ckpt
+
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of /v1/models."""
+
+    id: str
+    kind: str  # base | lora | full
+    path: str  # the folder (or hub id) its weights load from
+    run_id: Optional[str] = None
+    step: Optional[int] = None
+    method: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "checkpoint": self.path, "run_id": self.run_id, "step": self.step,
+                "method": self.method}
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    base_path: str  # the base model every adapter sits on
+    models: tuple[ServedModel, ...]
+    default_model: str  # the checkpoint's id
+    index_path: Optional[str]  # None: no retrieval
+    index: IndexConfig
+    retrieval: RetrievalConfig
+    serve: ServeConfig
+    cluster: ClusterConfig
+    keys: KeyRing = field(repr=False)
+    out_dir: str
+    resolved_config: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return {m.id: m.path for m in self.models if m.kind == "lora"}
+
+    @property
+    def full_models(self) -> dict[str, str]:
+        return {m.id: m.path for m in self.models if m.kind == "full"}
+
+    @property
+    def base_name(self) -> Optional[str]:
+        return next((m.id for m in self.models if m.kind == "base"), None)
+
+
+def validate_serve(cfg: DictConfig) -> ServeSpec:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
+    try:
+        job: ServeJobConfig = OmegaConf.to_object(cfg)
+    except Exception as err:
+        raise ConfigError([str(err).splitlines()[0]]) from None
+    s = job.serve
+    problems: list[str] = []
+
+    # --- models
+    models, base_path = [], None
+    checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir)
+    problems += found
+    if checkpoint is not None:
+        main, base_path, found = describe(checkpoint, s.name)
+        problems += found
+        if main is not None:
+            if main.kind != "base" and s.base_name:
+                models.append(ServedModel(s.base_name, "base", base_path))
+            models.append(main if main.kind != "base" else ServedModel(s.base_name or s.name, "base", main.path))
+    extra = dict(s.adapters)
+    if s.adapters_dir:
+        found_dir, found = adapters_in(s.adapters_dir)
+        problems += found
+        extra.update({k: v for k, v in found_dir.items() if k not in extra})
+    for model_id, folder in extra.items():
+        adapter, _, found = describe(str(Path(folder).expanduser().resolve()), model_id)
+        problems += found
+        if adapter is not None and adapter.kind != "lora":
+            problems.append(f"serve.adapters.{model_id}={folder} is not a LoRA adapter (no {ADAPTER_CONFIG})")
+        elif adapter is not None:
+            models.append(adapter)
+    ids = [m.id for m in models]
+    for model_id in ids:
+        if not MODEL_ID.match(model_id):
+            problems.append(f"model id {model_id!r} must be 1-128 letters, digits, '.', '_', ':' or '-'")
+    clashes = sorted({i for i in ids if ids.count(i) > 1})
+    if clashes:
+        problems.append(f"model ids must be unique; {clashes} name more than one model "
+                        f"(serve.name, serve.base_name, serve.adapters, serve.adapters_dir)")
+    if base_path and any(m.kind == "lora" for m in models):
+        problems += _check_same_base(base_path, [m for m in models if m.kind == "lora"])
+
+    # --- index and retrieval
+    index_path = None
+    if job.index.path is not None:
+        index_path = str(Path(job.index.path).expanduser().resolve())
+        if not is_index(index_path):
+            problems.append(f"index.path={job.index.path} holds no ragft index (no manifest.json); build one with "
+                            f"`ragft index index.path=...`, or set index.path=null to serve without retrieval")
+    problems += check_retrieval(job.retrieval)
+    problems += check_templates(s.rag)
+    if not 1 <= s.rag.k <= s.rag.max_k:
+        problems.append(f"serve.rag.k={s.rag.k} must be between 1 and serve.rag.max_k={s.rag.max_k}")
+    if s.rag.mode is not None and s.rag.mode not in ("dense", "bm25", "hybrid"):
+        problems.append(f"serve.rag.mode={s.rag.mode!r} is not one of dense, bm25, hybrid (or null)")
+
+    # --- network and keys
+    keys, found = load_keys(keys_file=s.api_keys_file)
+    problems += found
+    if not _is_loopback(s.host) and not keys.configured:
+        problems.append(f"serve.host={s.host} is reachable from other machines but no API key is configured: "
+                        f"set RAGFT_API_KEYS (and RAGFT_ADMIN_KEY for index updates) or serve.api_keys_file")
+    if not 1 <= s.port <= 65535:
+        problems.append(f"serve.port={s.port} must be between 1 and 65535")
+
+    # --- limits and resources
+    if not 1 <= s.default_max_tokens <= s.max_tokens_limit:
+        problems.append(f"serve.default_max_tokens={s.default_max_tokens} must be between 1 and "
+                        f"serve.max_tokens_limit={s.max_tokens_limit}")
+    for key in ("request_timeout_s", "generation_timeout_s", "ready_timeout_s"):
+        if getattr(s, key) <= 0:
+            problems.append(f"serve.{key}={getattr(s, key)} must be positive")
+    if s.max_n < 1:
+        problems.append(f"serve.max_n={s.max_n} must be at least 1")
+    if s.batch.max_batch_size < 1 or s.batch.batch_wait_timeout_s < 0:
+        problems.append(f"serve.batch: max_batch_size={s.batch.max_batch_size} must be >= 1 and "
+                        f"batch_wait_timeout_s={s.batch.batch_wait_timeout_s} >= 0")
+    for name in ("ingress", "retriever", "generator"):
+        d = getattr(s, name)
+        if d.min_replicas < 1 or d.max_replicas < d.min_replicas:
+            problems.append(f"serve.{name}: need 1 <= min_replicas ({d.min_replicas}) <= max_replicas "
+                            f"({d.max_replicas})")
+        if d.target_ongoing_requests <= 0 or d.max_ongoing_requests < 1 or d.num_cpus < 0 or d.num_gpus < 0:
+            problems.append(f"serve.{name}: target_ongoing_requests and max_ongoing_requests must be positive, "
+                            f"num_cpus and num_gpus non-negative")
+    if s.generator.max_ongoing_requests < s.batch.max_batch_size:
+        problems.append(f"serve.generator.max_ongoing_requests={s.generator.max_ongoing_requests} must be at least "
+                        f"serve.batch.max_batch_size={s.batch.max_batch_size}, or batches never fill")
+    if s.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"serve.device={s.device!r} is not one of auto, cpu, cuda")
+    if s.dtype not in DTYPES:
+        problems.append(f"serve.dtype={s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.device == "cuda" and s.generator.num_gpus <= 0:
+        problems.append("serve.device=cuda needs serve.generator.num_gpus > 0 (Ray hides GPUs from actors without)")
+
+    # --- cluster
+    c = job.cluster
+    if c.name not in ("local", "ray"):
+        problems.append(f"cluster={c.name}: ragft serve runs on cluster=local or cluster=ray")
+    if c.name == "ray" and not c.address:
+        problems.append("cluster=ray needs cluster.address (ray://host:10001, host:6379 or auto)")
+    if s.detach and c.name != "ray":
+        problems.append("serve.detach=true needs a Ray cluster that outlives this command: cluster=ray "
+                        "cluster.address=... (the embedded local Ray stops when ragft serve exits)")
+
+    if problems:
+        raise ConfigError(problems)
+    main_id = next(m.id for m in models if m.kind != "base") if any(m.kind != "base" for m in models) else models[0].id
+    return ServeSpec(
+        base_path=base_path, models=tuple(models), default_model=main_id, index_path=index_path, index=job.index,
+        retrieval=job.retrieval, serve=s, cluster=c, keys=keys,
+        out_dir=str(Path(job.out_dir).expanduser().resolve()),
+        resolved_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def resolve_checkpoint(value: str, train_runs_dir: str) -> tuple[Optional[str], list[str]]:
+    """A checkpoint folder (or hub id) for `value`: a path, `latest`, or `best` (needs eval metrics)."""
+    if value == "latest":
+        found = [c for run in sorted(Path(train_runs_dir).glob("*/checkpoints"))
+                 for c in ckpt.complete_checkpoints(run)]
+        if not found:
+            return None, [f"checkpoint=latest: no complete checkpoint under train_runs_dir={train_runs_dir}"]
+        newest = max(found, key=lambda p: (p / ckpt.MANIFEST).stat().st_mtime)
+        return str(newest.resolve()), []
+    if value == "best":
+        return None, ["checkpoint=best needs eval metrics in the registry (run `ragft eval` first); "
+                      "name a checkpoint folder or checkpoint=latest"]
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path.resolve()), []
+    if re.match(r"^[\w.-]+/[\w.-]+$", value) and not value.startswith((".", "/")):
+        return value, []  # a hub id: from_pretrained resolves it (offline: from the local HF cache)
+    return None, [f"checkpoint={value} does not exist (a checkpoint folder, a model folder or hub id, or latest)"]
+
+
+def describe(path: str, model_id: str) -> tuple[Optional[ServedModel], Optional[str], list[str]]:
+    """What the folder at `path` is, served as `model_id`, and the base model it needs."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ServedModel(model_id, "base", path), path, []  # a hub id
+    manifest = {}
+    if (folder / ckpt.MANIFEST).is_file():
+        manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+        if "files" in manifest:
+            bad = ckpt.verify(folder)
+            if bad:
+                return None, None, [f"checkpoint {path} is damaged: sha256 mismatch in {', '.join(bad[:3])}"]
+    run_id, step, method = manifest.get("run_id"), manifest.get("step"), manifest.get("method")
+    if (folder / ADAPTER_CONFIG).is_file():
+        adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        base = (manifest.get("model") or {}).get("source") or adapter_config.get("base_model_name_or_path")
+        if not base:
+            return None, None, [f"{path}: a LoRA adapter that names no base model (base_model_name_or_path)"]
+        if Path(base).is_absolute() and not Path(base).is_dir():
+            return None, None, [f"{path}: its base model {base} does not exist"]
+        return ServedModel(model_id, "lora", path, run_id, step, method or "lora"), base, []
+    if (folder / "config.json").is_file():
+        if run_id is not None:
+            base = (manifest.get("model") or {}).get("source")
+            return ServedModel(model_id, "full", path, run_id, step, method or "full"), base or path, []
+        return ServedModel(model_id, "base", path), path, []
+    return None, None, [f"{path} is neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model (config.json)"]
+
+
+def adapters_in(folder: str) -> tuple[dict[str, str], list[str]]:
+    """Every adapter folder directly inside `folder`, by name; none may resolve outside it (symlinks)."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        return {}, [f"serve.adapters_dir={folder} is not a folder"]
+    found, problems = {}, []
+    for sub in sorted(root.iterdir()):
+        if not (sub / ADAPTER_CONFIG).is_file():
+            continue
+        if not sub.resolve().is_relative_to(root):
+            problems.append(f"serve.adapters_dir: {sub.name} points outside {root}; not served")
+            continue
+        found[sub.name] = str(sub.resolve())
+    return found, problems
+
+
+def _check_same_base(base_path: str, adapters: list[ServedModel]) -> list[str]:
+    """Adapters trained on another architecture would load into garbage (or fail deep in PEFT)."""
+    base_config = Path(base_path) / "config.json"
+    if not base_config.is_file():
+        return []
+    shape_keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    want = {k: json.loads(base_config.read_text()).get(k) for k in shape_keys}
+    problems = []
+    for adapter in adapters:
+        manifest = Path(adapter.path) / ckpt.MANIFEST
+        source = json.loads(manifest.read_text()).get("model", {}).get("source") if manifest.is_file() else None
+        source = source or json.loads((Path(adapter.path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        other = Path(source or "") / "config.json"
+        if source and other.is_file():
+            got = {k: json.loads(other.read_text()).get(k) for k in shape_keys}
+            if got != want:
+                problems.append(f"adapter {adapter.id} was trained on {source} ({got}), not on the served base "
+                                f"{base_path} ({want})")
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,327 @@
+"""`ragft serve` over real HTTP on localhost, driven by the official `openai` client.
+
+One app for the module on the shared local Ray: the tiny base with two LoRA checkpoints
+(alpha, beta) sharing it, and a private copy of the sample index (live updates change it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from helpers.net import free_port
+from ragft.sample import sample_path
+from ragft.serve.keys import ADMIN_KEY_ENV, API_KEYS_ENV
+
+pytestmark = pytest.mark.ray
+
+USER_KEY, ADMIN_KEY = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
+QA = [json.loads(line) for line in Path(sample_path("qa.jsonl")).read_text().splitlines()]
+QA_V2 = [json.loads(line) for line in Path(sample_path("qa_v2.jsonl")).read_text().splitlines()]
+
+
+def _jsonl(name: str) -> dict[str, dict]:
+    return {d["id"]: d for d in map(json.loads, Path(sample_path(name)).read_text().splitlines())}
+
+
+CORPUS, CORPUS_V2 = _jsonl("corpus.jsonl"), _jsonl("corpus_v2.jsonl")
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:<port>/v1
+    out_dir: Path
+    index: Path
+
+    def client(self, key: str | None = USER_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=key or "", max_retries=0, timeout=60)
+
+    def http(self, method: str, path: str, key: str | None = USER_KEY, **kw) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, self.url.removesuffix("/v1") + path, headers=headers, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, serve_models, sample_index, compose_serve, tmp_path_factory):
+    from ray import serve
+
+    from ragft.serve.run import run_serve
+    from ragft.serve.spec import validate_serve
+
+    tmp = tmp_path_factory.mktemp("serve")
+    index = tmp / "index"
+    shutil.copytree(sample_index, index)
+    port = free_port()
+    patch = pytest.MonkeyPatch()
+    patch.setenv(API_KEYS_ENV, USER_KEY)
+    patch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
+    cfg = compose_serve(f"checkpoint={serve_models.alpha}", "serve.name=alpha",
+                        f"+serve.adapters.beta={serve_models.beta}", f"index.path={index}", f"serve.port={port}",
+                        f"out_dir={tmp / 'run'}", "serve.retriever.max_replicas=1", "serve.generator.num_cpus=0.5",
+                        "serve.retriever.num_cpus=0.5")
+    try:
+        info = run_serve(validate_serve(cfg), wait=False)
+        yield Server(info["url"], tmp / "run", index)
+    finally:
+        serve.shutdown()
+        patch.undo()
+
+
+def ask(client: openai.OpenAI, question: str, model: str = "alpha", **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          max_tokens=kw.pop("max_tokens", 12), temperature=kw.pop("temperature", 0),
+                                          **kw)
+
+
+def check_citations(citations: list[dict], corpus: dict[str, dict]) -> None:
+    """Every citation quotes the cited document at the cited offsets."""
+    assert citations
+    for c in citations:
+        text = corpus[c["doc_id"]]["text"]
+        assert text[c["start"]:c["start"] + len(c["quote"])] == c["quote"], c
+        assert text[c["start"]:c["end"]].startswith(c["quote"]) and c["end"] > c["start"]
+
+
+def test_models_lists_base_and_both_adapters(server):
+    models = {m.id: m for m in server.client().models.list().data}
+    assert set(models) == {"base", "alpha", "beta"}
+    assert models["alpha"].run_id == "run-alpha" and models["beta"].run_id == "run-beta"
+    assert models["alpha"].parent == "base" and models["base"].kind == "base"
+    assert Path(models["beta"].checkpoint).name == "beta"
+    assert all(m.index_version == 1 for m in models.values())
+
+
+def test_chat_cites_the_corpus(server):
+    qa = QA[0]
+    response = ask(server.client(), qa["question"])
+    choice = response.choices[0]
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens >= 1 and response.model == "alpha"
+    citations = response.citations
+    check_citations(citations, CORPUS)
+    assert qa["doc_ids"][0] in {c["doc_id"] for c in citations}  # the gold document was retrieved
+    assert [c["n"] for c in citations] == [1, 2, 3, 4] and response.index_version == 1
+
+
+def test_stream_equals_non_stream_and_carries_citations(server):
+    client, question = server.client(), QA[1]["question"]
+    whole = ask(client, question, max_tokens=16)
+    chunks = list(ask(client, question, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].citations == whole.citations
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_with_and_without_retrieval(server):
+    client, prompt = server.client(), "The home port of the Fousond is"
+    plain = client.completions.create(model="alpha", prompt=prompt, max_tokens=8, temperature=0)
+    assert plain.citations == [] and isinstance(plain.choices[0].text, str)
+    rag = client.completions.create(model="alpha", prompt=prompt, max_tokens=8, temperature=0,
+                                    extra_body={"rag": {"enabled": True, "k": 2}})
+    check_citations(rag.citations, CORPUS)
+    assert len(rag.citations) == 2 and rag.usage.prompt_tokens > plain.usage.prompt_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="alpha", prompt=prompt, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == plain.choices[0].text
+
+
+def test_rag_can_be_turned_off_per_request(server):
+    response = ask(server.client(), QA[2]["question"], extra_body={"rag": {"enabled": False}})
+    with_rag = ask(server.client(), QA[2]["question"])
+    assert response.citations == [] and response.index_version is None
+    assert response.usage.prompt_tokens < with_rag.usage.prompt_tokens
+
+
+def test_adapters_share_a_base_and_differ(server):
+    client, question = server.client(), QA[3]["question"]
+    outputs = {m: ask(client, question, model=m, max_tokens=16).choices[0].message.content
+               for m in ("base", "alpha", "beta")}
+    assert len(set(outputs.values())) == 3, outputs
+    assert ask(client, question, model="beta", max_tokens=16).choices[0].message.content == outputs["beta"]
+
+
+def test_sampling_is_seeded(server):
+    client, question = server.client(), QA[4]["question"]
+    a, b, c = (ask(client, question, temperature=1.0, top_p=0.9, seed=s, max_tokens=16).choices[0].message.content
+               for s in (7, 7, 8))
+    assert a == b and a != c
+    stopped = ask(client, question, max_tokens=16, stop=[" "])
+    assert " " not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+def test_live_update_changes_the_next_citation(server):
+    changed = next(q for q in QA if q["changed"])
+    doc_id = changed["doc_ids"][0]
+    client = server.client()
+    before = ask(client, changed["question"])
+    cited = [c for c in before.citations if c["doc_id"] == doc_id]
+    assert cited and before.index_version == 1
+    check_citations(before.citations, CORPUS)
+
+    new_doc = {k: v for k, v in CORPUS_V2[doc_id].items() if k in ("id", "text", "title", "source")}
+    assert server.http("POST", "/v1/index/documents", key=None, json={"documents": [new_doc]}).status_code == 401
+    forbidden = server.http("POST", "/v1/index/documents", key=USER_KEY, json={"documents": [new_doc]})
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_permissions"
+    update = server.http("POST", "/v1/index/documents", key=ADMIN_KEY, json={"documents": [new_doc]})
+    assert update.status_code == 200, update.text
+    assert update.json()["version"] == 2 and update.json()["changed"] == 1 and update.json()["reused_chunks"] > 0
+
+    after = ask(client, changed["question"])  # no restart: the next request already sees version 2
+    assert after.index_version == 2
+    now_cited = [c for c in after.citations if c["doc_id"] == doc_id]
+    assert now_cited
+    check_citations(now_cited, CORPUS_V2)
+    # the cited chunk now holds the updated fact, where before it held the old one
+    new_answer = next(q["answer"] for q in QA_V2 if q["id"] == changed["id"])
+    assert any(changed["answer"] in CORPUS[doc_id]["text"][c["start"]:c["end"]] for c in cited)
+    assert any(new_answer in CORPUS_V2[doc_id]["text"][c["start"]:c["end"]] for c in now_cited)
+
+    deleted = server.http("DELETE", f"/v1/index/documents/{doc_id}", key=ADMIN_KEY)
+    assert deleted.status_code == 200 and deleted.json()["version"] == 3
+    gone = ask(client, changed["question"])
+    assert gone.index_version == 3 and doc_id not in {c["doc_id"] for c in gone.citations}
+    again = server.http("DELETE", f"/v1/index/documents/{doc_id}", key=ADMIN_KEY)
+    assert again.status_code == 404 and again.json()["error"]["code"] == "document_not_found"
+
+
+def test_missing_or_wrong_key_is_401(server):
+    with pytest.raises(openai.AuthenticationError) as err:
+        ask(server.client("wrong-key-0123456789abcdef"), "hello")
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    for key in (None, "wrong-key-0123456789abcdef"):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/index/documents"), ("DELETE", "/v1/index/documents/ferry-0001")):
+            response = server.http(method, path, key=key, content=b"not even json")
+            assert response.status_code == 401, (method, path, key)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    assert server.http("GET", "/health", key=None).json()["status"] == "ok"  # health needs no key
+
+
+LONG = "ferry " * 3000  # far beyond the tiny model's 1024-token context
+BAD_REQUESTS = [
+    # (name, method, path, body (bytes: sent raw), status, param, code)
+    ("malformed json", "POST", "/v1/chat/completions", b'{"model": "alpha", "messages": [', 400, None,
+     "invalid_json"),
+    ("body not an object", "POST", "/v1/chat/completions", b"[1, 2]", 400, None, "invalid_json"),
+    ("no messages", "POST", "/v1/chat/completions", {"model": "alpha"}, 400, "messages",
+     "missing_required_parameter"),
+    ("empty messages", "POST", "/v1/chat/completions", {"model": "alpha", "messages": []}, 400, "messages",
+     "invalid_value"),
+    ("unknown role", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
+    ("unknown model", "POST", "/v1/chat/completions",
+     {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+    ("model escaping the folder", "POST", "/v1/chat/completions",
+     {"model": "../../etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404, "model",
+     "model_not_found"),
+    ("max_tokens 0", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens",
+     "invalid_value"),
+    ("max_tokens too large", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens", "invalid_value"),
+    ("prompt longer than the context", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("prompt + max_tokens over the context", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": "ferry " * 700, "max_tokens": 1000}, 400, "prompt", "context_length_exceeded"),
+    ("temperature out of range", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature",
+     "invalid_value"),
+    ("too many stop strings", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ("n too large", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "n": 100}, 400, "n",
+     "invalid_value"),
+    ("rag.k too large", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "rag": {"k": 1000}}, 400, "rag.k",
+     "invalid_value"),
+    ("unknown rag option", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "rag": {"depth": 3}}, 400, "rag.depth",
+     "invalid_value"),
+    ("prompt of wrong type", "POST", "/v1/completions", {"model": "alpha", "prompt": 42}, 400, "prompt",
+     "invalid_value"),
+    ("bad document row", "POST", "/v1/index/documents", {"documents": [{"id": "x"}]}, 400, "documents.0",
+     "invalid_value"),
+    ("duplicate document ids", "POST", "/v1/index/documents",
+     {"documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}, 400, "documents.1.id", "invalid_value"),
+    ("unknown route", "GET", "/v1/engines", None, 404, None, "not_found"),
+    ("wrong method", "GET", "/v1/chat/completions", None, 405, None, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,status,param,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_a_4xx_in_openai_shape(server, name, method, path, body, status, param, code):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    key = ADMIN_KEY if "index" in path else USER_KEY
+    response = server.http(method, path, key=key, **kw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_the_openai_client_raises_the_matching_errors(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "hi", model="nope")
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, LONG)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_32_concurrent_requests(server):
+    async def one(client: openai.AsyncOpenAI, i: int):
+        model = ("alpha", "beta", "base")[i % 3]
+        kwargs = dict(model=model, messages=[{"role": "user", "content": QA[i]["question"]}], max_tokens=12,
+                      temperature=0 if i % 2 else 0.8, seed=i)
+        if i % 4 == 0:
+            stream = await client.chat.completions.create(stream=True, **kwargs)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        response = await client.chat.completions.create(**kwargs)
+        assert response.citations
+        return response.choices[0].message.content
+
+    async def all_of_them():
+        client = openai.AsyncOpenAI(base_url=server.url, api_key=USER_KEY, max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    started = time.perf_counter()
+    texts = asyncio.run(all_of_them())
+    assert len(texts) == 32 and all(isinstance(t, str) for t in texts)
+    print(f"32 concurrent requests in {time.perf_counter() - started:.1f} s")
+
+
+def test_access_log_has_a_line_per_request_and_no_secrets(server):
+    question = QA[5]["question"]
+    ask(server.client(), question)
+    log = (server.out_dir / "access.log").read_text()
+    lines = [json.loads(line) for line in log.splitlines()]
+    assert lines[-1]["path"] == "/v1/chat/completions" and lines[-1]["status"] == 200
+    assert lines[-1]["completion_tokens"] >= 1 and lines[-1]["citations"] == 4 and lines[-1]["retrieval_ms"] > 0
+    assert {"/v1/models", "/v1/index/documents"} <= {line["path"] for line in lines}
+    assert {401, 403, 404} <= {line["status"] for line in lines}
+    assert question not in log and USER_KEY not in log and ADMIN_KEY not in log
+
+
+def test_prometheus_metrics(server):
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 60
+    while True:  # Ray's metrics agent exports on its own period
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "ragft_requests" in text and "ragft_generated_tokens" in text:
+            break
+        assert time.monotonic() < deadline, "ragft metrics never appeared on Ray's Prometheus endpoint"
+        time.sleep(2)
+    assert "ragft_request_latency_ms_bucket" in text and "ragft_retrieval_ms" in text
