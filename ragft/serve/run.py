@@ -8,11 +8,13 @@ With `serve.detach=true` (cluster=ray) it returns once the app is running and le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ragft.serve.spec import ServeSpec
 
@@ -30,29 +32,32 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
     if not ray.is_initialized():
         address = spec.cluster.address if spec.cluster.name == "ray" else None
         ray.init(address=address, configure_logging=False, include_dashboard=spec.cluster.name == "local")
-    serve.start(http_options={"host": s.host, "port": s.port,
-                              # the proxy's own limit is only a backstop: the ingress answers 504 first
-                              "request_timeout_s": s.request_timeout_s + 30})
-    _deploy(spec, context_length)
-    info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
-            "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
-            "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
-    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(spec.out_dir) / SERVE_INFO).write_text(json.dumps(info, indent=2))
-    print(f"ragft serve: {info['url']} (models: {', '.join(m.id for m in spec.models)}; "
-          f"index: {spec.index_path or 'none'}; auth: {info['auth']})", flush=True)
-    if s.detach or not wait:
-        if s.detach:
-            print(f"ragft serve: left running on the Ray cluster as app {s.app_name!r}", flush=True)
-        return info
-    print("ragft serve: Ctrl-C stops it", flush=True)
-    _wait_for_signal()
+    stop = threading.Event()
+    with _stop_on_signal(stop):  # installed after ray.init, which sets its own SIGTERM handler
+        serve.start(http_options={"host": s.host, "port": s.port,
+                                  # the proxy's own limit is only a backstop: the ingress answers 504 first
+                                  "request_timeout_s": s.request_timeout_s + 30})
+        _deploy(spec, context_length, stop)
+        info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
+                "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
+                "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
+        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(spec.out_dir) / SERVE_INFO).write_text(json.dumps(info, indent=2))
+        print(f"ragft serve: {info['url']} (models: {', '.join(m.id for m in spec.models)}; "
+              f"index: {spec.index_path or 'none'}; auth: {info['auth']})", flush=True)
+        if s.detach or not wait:
+            if s.detach:
+                print(f"ragft serve: left running on the Ray cluster as app {s.app_name!r}", flush=True)
+            return info
+        print("ragft serve: Ctrl-C stops it", flush=True)
+        while not stop.wait(0.5):
+            pass
     print("ragft serve: stopping", flush=True)
     serve.delete(s.app_name)
     return info
 
 
-def _deploy(spec: ServeSpec, context_length: int) -> None:
+def _deploy(spec: ServeSpec, context_length: int, stop: threading.Event) -> None:
     """serve.run, bounded by serve.ready_timeout_s: a replica that can never be placed (no GPU) is an error."""
     from ray import serve
 
@@ -69,22 +74,29 @@ def _deploy(spec: ServeSpec, context_length: int) -> None:
 
     thread = threading.Thread(target=deploy, daemon=True)
     thread.start()
-    thread.join(s.ready_timeout_s)
+    deadline = time.monotonic() + s.ready_timeout_s
+    while thread.is_alive() and time.monotonic() < deadline and not stop.is_set():
+        thread.join(0.2)
     if failure:
         raise RuntimeError(f"the serve app failed to start: {failure[0]}") from failure[0]
-    if thread.is_alive():
+    if thread.is_alive() and stop.is_set():
+        thread.join()  # let serve.run finish: the caller deletes the app right after
+    elif thread.is_alive():
         status = serve.status().applications.get(s.app_name)
         serve.delete(s.app_name, _blocking=False)
         raise RuntimeError(f"the serve app was not running after serve.ready_timeout_s={s.ready_timeout_s}: "
                            f"{status.message if status else 'no status'}")
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
+@contextlib.contextmanager
+def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
+    """SIGINT / SIGTERM set `stop` instead of raising in whatever the main thread is doing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(0.5):
-            pass
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,0 +1,200 @@
+"""Benchmark: `ragft serve` on the tiny model — per-request serving overhead, and tokens/s with and
+without dynamic batching, both apps measured in the same run.
+
+1. Overhead (batching on, concurrency 1, retrieval on): for each chat request, the client's
+   end-to-end time minus the generation and retrieval times the server reports in its
+   `Server-Timing` header. What is left is HTTP, the proxy, the ingress (auth, validation,
+   prompt rendering, tokenization), the two handle hops and the batch queue. Prints p50 / p99.
+2. Throughput: generated tokens/s at concurrency 1, 8 and 32 (closed loop: each client sends its
+   next request when the last one returns; retrieval off, so this is generation), for the same
+   app with `serve.batch.enabled=true` and `false` (batches of one, the same code path), and the
+   ratio on / off.
+
+    python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUESTIONS = [
+    "In which harbour does the ferry Fousond spend the night?",
+    "Which yard constructed the hull of the ferry Dreraerend?",
+    "How many passengers is the Deikur licensed to carry?",
+    "What year was the Dekraba commissioned?",
+]
+
+
+def prepare(root: Path) -> tuple[Path, Path]:
+    """The tiny base model (random init) and the sample index, built once under `root`."""
+    from ragft.cli import register_resolvers
+    from ragft.config.schema import ModelConfig, register_configs
+    from ragft.index.update import update_index
+    from ragft.model.build import materialize_tiny
+    from ragft.sample import sample_path
+
+    corpus = [sample_path("corpus.jsonl"), sample_path("train.jsonl")]
+    base = materialize_tiny(ModelConfig(tokenizer_corpus=corpus), corpus, str(root / "cache"), 0, root / "base")
+    index = root / "index"
+    if not (index / "manifest.json").exists():
+        register_configs()
+        register_resolvers()
+        update_index(_index_spec(index))
+    return base, index
+
+
+def _index_spec(index: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ragft.cli import CONF_DIR
+    from ragft.index.spec import validate_index
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="index", overrides=[f"index.path={index}", f"out_dir={index.parent / 'run'}"])
+    return validate_index(cfg)
+
+
+def serve_spec(base: Path, index: Path, port: int, batching: bool, out: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ragft.cli import CONF_DIR
+    from ragft.serve.spec import validate_serve
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="serve", overrides=[
+            f"checkpoint={base}", f"index.path={index}", f"serve.port={port}", f"out_dir={out}",
+            f"serve.batch.enabled={str(batching).lower()}", "serve.retriever.max_replicas=1",
+            "serve.generator.max_ongoing_requests=64", "serve.ingress.max_ongoing_requests=128"])
+    return validate_serve(cfg)
+
+
+def chat(client, url: str, question: str, max_tokens: int, rag: bool) -> tuple[float, dict, int]:
+    body = {"model": "base", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "rag": {"enabled": rag}}
+    started = time.perf_counter()
+    response = client.post(f"{url}/chat/completions", json=body)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    timing = {}
+    for part in response.headers.get("server-timing", "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            timing[name] = float(dur) / 1000
+    return elapsed, timing, response.json()["usage"]["completion_tokens"]
+
+
+def overhead(url: str, n: int, max_tokens: int) -> dict:
+    import httpx
+
+    rows = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(n + 5):
+            elapsed, timing, _ = chat(client, url, QUESTIONS[i % len(QUESTIONS)], max_tokens, rag=True)
+            if i >= 5:  # warm-up: first requests pay lazy imports and allocator growth
+                rows.append((elapsed, timing["retrieval"], timing["generation"]))
+    left = sorted((e - r - g) * 1000 for e, r, g in rows)
+    return {"p50_ms": _pct(left, 50), "p99_ms": _pct(left, 99),
+            "e2e_p50_ms": _pct(sorted(e * 1000 for e, _, _ in rows), 50),
+            "retrieval_p50_ms": _pct(sorted(r * 1000 for _, r, _ in rows), 50),
+            "generation_p50_ms": _pct(sorted(g * 1000 for _, _, g in rows), 50)}
+
+
+def throughput(url: str, concurrency: int, seconds: float, max_tokens: int) -> float:
+    """Generated tokens/s over `seconds` with `concurrency` closed-loop clients."""
+    import httpx
+
+    tokens, lock, stop = [0], threading.Lock(), threading.Event()
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(timeout=300) as client:
+            while not stop.is_set():
+                _, _, n = chat(client, url, QUESTIONS[i % len(QUESTIONS)], max_tokens, rag=False)
+                with lock:
+                    tokens[0] += n
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(min(3.0, seconds / 4))  # ramp-up: let batches form before counting
+    with lock:
+        start_tokens, started = tokens[0], time.perf_counter()
+    time.sleep(seconds)
+    with lock:
+        counted, elapsed = tokens[0] - start_tokens, time.perf_counter() - started
+    stop.set()
+    for t in threads:
+        t.join()
+    return counted / elapsed
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=60, help="requests for the overhead measurement")
+    parser.add_argument("--seconds", type=float, default=20, help="measured seconds per throughput point")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from ragft.serve.run import run_serve
+
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-serve-"))
+    base, index = prepare(root)
+    ray.init(configure_logging=False, log_to_driver=False)
+    port = 8123
+    results = {}
+    try:
+        for batching in (True, False):
+            spec = serve_spec(base, index, port, batching, root / f"run-{'on' if batching else 'off'}")
+            info = run_serve(spec, wait=False)
+            url = info["url"]
+            row = {"overhead": overhead(url, args.requests, 8) if batching else None}
+            for c in args.concurrency:
+                row[c] = throughput(url, c, args.seconds, args.max_tokens)
+                print(f"batching {'on ' if batching else 'off'} concurrency {c:>2}: {row[c]:8.1f} tokens/s", flush=True)
+            results[batching] = row
+            serve.delete(spec.serve.app_name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    o = results[True]["overhead"]
+    print(f"\nserving overhead per request (batching on, concurrency 1, retrieval on, {args.requests} requests): "
+          f"p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms  (goal: p50 <= 15 ms)")
+    print(f"  end-to-end p50 {o['e2e_p50_ms']:.1f} ms = retrieval p50 {o['retrieval_p50_ms']:.1f} ms + "
+          f"generation p50 {o['generation_p50_ms']:.1f} ms (8 tokens) + overhead")
+    print(f"\ngenerated tokens/s, tiny model, max_tokens={args.max_tokens}, retrieval off:")
+    print(f"  {'concurrency':>11} {'batching on':>12} {'batching off':>13} {'ratio':>7}")
+    for c in args.concurrency:
+        on, off = results[True][c], results[False][c]
+        print(f"  {c:>11} {on:>12.1f} {off:>13.1f} {on / off:>6.2f}x")
+    if 8 in args.concurrency:
+        ratio = results[True][8] / results[False][8]
+        print(f"\nbatching speed-up at concurrency 8: {ratio:.2f}x (goal: >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

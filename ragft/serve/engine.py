@@ -1,0 +1,517 @@
+"""The text-generation engine of `ragft serve`: a hand-written batched decode loop over the transformers KV cache.
+
+`model.generate` serves one model per call and runs a batch to its end in one go. The server
+needs more: rows of one batch may name different models (the base, any LoRA adapter, a full
+fine-tune), every step must be streamed, rows end at different steps, and each row samples
+with its own settings and seed. So the loop is written out here:
+
+- Weights. The base is loaded once and every LoRA adapter is loaded onto it (PEFT), so adapters
+  cost only their low-rank matrices. Rows naming the base or any adapter share one forward per
+  step through PEFT's mixed-adapter batches (`adapter_names=[...]`, "__base__" for the bare
+  base): each LoRA layer runs the base matmul for the whole batch and adds each adapter's update
+  on its own rows. A full fine-tune is a separate set of weights, so its rows form their own group
+  with their own cache; a step runs one forward per group.
+- Batching. A group's prompts are left-padded, so every row's next token lands in the last
+  column; `attention_mask` hides the padding and `position_ids` count only real tokens, so each
+  row computes what it would alone. The first step prefills (in several forwards when
+  `max_batch_tokens` caps it, their caches merged), later steps feed one token per row.
+- Shrinking. A row leaves its group the step it finishes (`Cache.batch_select_indices`), and
+  padding columns that no live row attends to any more are cut from the cache, so the cost of a
+  step follows the live rows, not the batch the engine started with.
+- Sampling. Per row, in fp32: temperature 0 is argmax; otherwise temperature, top-p, and a draw
+  from the row's own `torch.Generator`, so a seeded request gets the same draws whatever else
+  shares its batch. One host sync per group and step: the sampled ids, read once.
+- Stopping. A row ends on an end-of-sequence id (the tokenizer's and each generation config's,
+  plus `<|end|>` under ragft's own chat template, which closes assistant turns), a stop string,
+  max_tokens or the context length ("length"), or its deadline (checked before each step's
+  forward, so an expired row costs no more compute).
+- Text. Decoding the whole completion every step would cost O(length) per token, so text is
+  decoded over a short window of recent tokens (`IncrementalDetokenizer`), and held back while it
+  ends in an incomplete UTF-8 character or in what may be the beginning of a stop string.
+
+`generate` is a plain generator stepped with `next()`, possibly from a different thread each
+time (the Generator deployment runs each step in `asyncio.to_thread`). Grad mode is
+thread-local, so inference mode is entered inside each step rather than around the loop, and
+a lock keeps two batches' steps from running at once on the shared PEFT model.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
+
+from ragft.model.build import load_tokenizer
+from ragft.model.tokenizer import CHAT_TEMPLATE
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+END_OF_TURN = "<|end|>"  # closes every turn of ragft's chat template; a chat model trained on it emits it to stop
+GREEDY_BELOW = 1e-5  # temperatures under this are argmax: logits / T would overflow long before T reaches 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus sampling
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence, which is not returned
+    seed: Optional[int] = None  # same seed + same prompt -> same output, batched with others or not
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: str  # one of engine.models
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    deadline: Optional[float] = None  # time.time() at which generation stops early ("length", timed_out)
+
+
+@dataclass
+class Delta:
+    request_id: str
+    text: str  # new text since this request's previous Delta
+    completion_tokens: int  # tokens generated so far for this request
+    finish_reason: Optional[str]  # None while running; "stop" (EOS or a stop string) or "length"
+    timed_out: bool = False
+
+
+class Engine(abc.ABC):
+    """What the Generator deployment needs; a vLLM engine for GPU clusters would implement the same."""
+
+    models: list[str]  # model names a request may name
+    context_length: int  # max prompt + completion tokens
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
+        """Each next() runs one decode step for the whole batch (the first also prefills) and returns a list
+        aligned with `requests`: a Delta for each request that produced new text or finished in this step,
+        None for the others. Every request gets exactly one Delta with finish_reason set and none after it;
+        the iterator ends when all requests have finished."""
+
+
+class IncrementalDetokenizer:
+    """One completion's text as it grows token by token, cut at the first stop string.
+
+    The concatenation of the pieces `push` and `finish` return equals
+    `tokenizer.decode(ids, skip_special_tokens=True)` truncated before the first stop string.
+    Each step decodes only a window that starts a few tokens back (vLLM's scheme): the tokens
+    before the window's new part give the decoder its context (SentencePiece drops the leading
+    space of a window's first token, byte-level BPE needs the earlier bytes of a character), and
+    the new text is what the window decodes to beyond its old part.
+    """
+
+    __slots__ = ("_decode", "_ids", "_prefix", "_read", "_prefix_text", "_text", "_sent", "_stops", "_scan")
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self._decode = tokenizer.decode
+        self._ids: list[int] = []
+        self._prefix = 0  # the window starts here
+        self._read = 0  # ids before this are decoded into _text
+        self._prefix_text = ""  # ids[_prefix:_read] decoded on their own
+        self._text = ""  # everything decoded so far (up to _read)
+        self._sent = 0  # characters of _text already returned
+        self._stops = tuple(stops)
+        # A stop string that ends in new text starts at most this far before it.
+        self._scan = max(map(len, self._stops), default=1) - 1
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return the text that is now final, and whether a stop string ended the completion."""
+        self._ids.append(token_id)
+        window = self._decode(self._ids[self._prefix :], skip_special_tokens=True)
+        # A trailing U+FFFD is the start of a character whose remaining bytes are in tokens still to come.
+        if len(window) <= len(self._prefix_text) or window.endswith("\ufffd"):
+            return "", False
+        grown_from = len(self._text)
+        self._text += window[len(self._prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix :], skip_special_tokens=True)
+        return self._emit(grown_from, final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """The text still held back, now that the completion ends; and whether it completed a stop string."""
+        grown_from = len(self._text)
+        if self._read < len(self._ids):
+            window = self._decode(self._ids[self._prefix :], skip_special_tokens=True)
+            self._text += window[len(self._prefix_text) :]
+            self._read = len(self._ids)
+        return self._emit(grown_from, final=True)
+
+    def _emit(self, grown_from: int, final: bool) -> tuple[str, bool]:
+        end, stopped = len(self._text), False
+        if self._stops:
+            stop_at = self._find_stop(max(0, grown_from - self._scan))
+            if stop_at is not None:
+                self._text = self._text[:stop_at]
+                end, stopped = stop_at, True
+            elif not final:
+                end -= self._partial_stop()
+        if end <= self._sent:
+            return "", stopped
+        piece, self._sent = self._text[self._sent : end], end
+        return piece, stopped
+
+    def _find_stop(self, start: int) -> Optional[int]:
+        found = [at for at in (self._text.find(stop, start) for stop in self._stops) if at >= 0]
+        return min(found) if found else None
+
+    def _partial_stop(self) -> int:
+        """Length of the longest end of the text that begins some stop string: not sendable yet."""
+        text, longest = self._text, 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+@dataclass
+class _Weights:
+    """One loaded model: the shared base (with its adapters) or a full fine-tune."""
+
+    module: torch.nn.Module
+    config: PretrainedConfig  # what its caches are built from
+    mixed: bool  # forward takes PEFT's adapter_names
+    plain_cache: bool  # every cache layer a DynamicLayer: caches may be merged and trimmed by column
+
+
+class _Row:
+    """One request while it decodes."""
+
+    __slots__ = ("index", "request_id", "prompt", "weights", "adapter", "limit", "temperature", "top_p", "generator",
+                 "deadline", "count", "detok", "stop_ids")
+
+    def __init__(self, index: int, request: GenerationRequest, weights: _Weights, adapter: Optional[str], limit: int,
+                 detok: IncrementalDetokenizer, stop_ids: frozenset[int], device: torch.device):
+        params = request.params
+        self.index = index
+        self.request_id = request.request_id
+        self.prompt = request.prompt_ids
+        self.weights = weights
+        self.adapter = adapter
+        self.limit = limit
+        self.temperature = float(params.temperature)
+        self.top_p = float(params.top_p)
+        self.generator = _generator(params.seed, device) if self.temperature >= GREEDY_BELOW else None
+        self.deadline = request.deadline
+        self.count = 0
+        self.detok = detok
+        self.stop_ids = stop_ids
+
+    def advance(self, token_id: int) -> Optional[Delta]:
+        """Take the token sampled for this row; the Delta to send, if any."""
+        self.count += 1
+        if token_id in self.stop_ids:
+            piece, _ = self.detok.finish()
+            return Delta(self.request_id, piece, self.count, "stop")
+        piece, stopped = self.detok.push(token_id)
+        if not stopped and self.count >= self.limit:
+            rest, stopped = self.detok.finish()
+            return Delta(self.request_id, piece + rest, self.count, "stop" if stopped else "length")
+        if stopped or piece:
+            return Delta(self.request_id, piece, self.count, "stop" if stopped else None)
+        return None
+
+    def expire(self) -> Delta:
+        piece, _ = self.detok.finish()
+        return Delta(self.request_id, piece, self.count, "length", timed_out=True)
+
+
+def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1  # manual_seed takes a non-negative int64
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+                  generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token id per row of fp32 `logits` (rows, vocab), each at its temperature within its top-p nucleus,
+    drawn with its own generator."""
+    probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
+    if bool((top_ps < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens above it already hold top_p: the one that crosses top_p stays.
+        sorted_probs.masked_fill_(sorted_probs.cumsum(-1) - sorted_probs > top_ps.unsqueeze(1), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race, as vLLM samples): no renormalisation
+    # after the top-p cut, and each row takes one fixed-size draw per step from its own generator, so what a
+    # seeded row draws does not depend on the rest of the batch.
+    noise = torch.empty_like(probs)
+    for row, generator in zip(noise, generators):
+        row.exponential_(generator=generator)
+    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+class _Group:
+    """Rows that share one forward per step: one set of weights, one KV cache."""
+
+    def __init__(self, weights: _Weights, rows: list[_Row], device: torch.device, pad_id: int,
+                 max_batch_tokens: Optional[int]):
+        self.weights = weights
+        # Longest prompts first: prefill chunks then hold prompts of similar length (little padding).
+        self.rows = sorted(rows, key=lambda r: -len(r.prompt))
+        self.device = device
+        self.pad_id = pad_id
+        self.max_batch_tokens = max_batch_tokens
+        self.cache: Optional[DynamicCache] = None
+        self.mask = torch.empty(0)  # (rows, cache columns): 1 where a row has a real token
+        self.positions = torch.empty(0)  # (rows,): position of each row's next token
+        self.next_ids: Optional[torch.Tensor] = None  # (rows,): each row's newest token, the next forward's input
+
+    def step(self, now: float, out: list[Optional[Delta]]) -> None:
+        expired = {i for i, row in enumerate(self.rows) if row.deadline is not None and row.deadline <= now}
+        if expired:
+            for i in expired:
+                out[self.rows[i].index] = self.rows[i].expire()
+            self._keep([i for i in range(len(self.rows)) if i not in expired])
+            if not self.rows:
+                return
+        logits = self._prefill() if self.cache is None else self._decode()
+        self.next_ids = self._sample(logits)
+        keep = []
+        for i, (row, token) in enumerate(zip(self.rows, self.next_ids.tolist())):  # the step's one host sync
+            delta = row.advance(token)
+            if delta is not None:
+                out[row.index] = delta
+            if delta is None or delta.finish_reason is None:
+                keep.append(i)
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _prefill(self) -> torch.Tensor:
+        caches, masks, logits = [], [], []
+        for rows in self._prefill_chunks():
+            ids, mask = _left_pad([r.prompt for r in rows], self.pad_id, self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # pad columns get 0; they are masked anyway
+            cache = DynamicCache(config=self.weights.config)
+            logits.append(self._forward(ids, mask, positions, cache, [r.adapter for r in rows]))
+            caches.append(cache)
+            masks.append(mask)
+        if len(caches) == 1:
+            self.cache, self.mask = caches[0], masks[0]
+        else:
+            self.cache, self.mask = _merge(caches, masks, self.weights.config)
+        self.positions = torch.tensor([len(r.prompt) for r in self.rows], device=self.device)
+        return torch.cat(logits)
+
+    def _prefill_chunks(self) -> list[list[_Row]]:
+        """Rows in prefill forwards of at most max_batch_tokens (rows x padded length) each."""
+        if self.max_batch_tokens is None or not self.weights.plain_cache:
+            return [self.rows]
+        chunks: list[list[_Row]] = [[]]
+        for row in self.rows:  # longest first, so a chunk's first row sets its padded length
+            if chunks[-1] and (len(chunks[-1]) + 1) * len(chunks[-1][0].prompt) > self.max_batch_tokens:
+                chunks.append([])
+            chunks[-1].append(row)
+        return chunks
+
+    def _decode(self) -> torch.Tensor:
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        adapters = [r.adapter for r in self.rows]
+        logits = self._forward(self.next_ids.unsqueeze(1), self.mask, self.positions.unsqueeze(1), self.cache, adapters)
+        self.positions += 1
+        return logits
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 adapters: list[Optional[str]]) -> torch.Tensor:
+        kwargs = {}
+        if self.weights.mixed:
+            kwargs["adapter_names"] = adapters
+        # use_cache explicitly: configs saved by training carry use_cache=false.
+        out = self.weights.module(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                  use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1].float()
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        sampled = [i for i, row in enumerate(self.rows) if row.generator is not None]
+        if sampled:
+            rows = [self.rows[i] for i in sampled]
+            index = torch.tensor(sampled, device=self.device)
+            temperatures = torch.tensor([r.temperature for r in rows], device=self.device)
+            top_ps = torch.tensor([r.top_p for r in rows], device=self.device)
+            tokens[index] = sample_tokens(logits[index], temperatures, top_ps, [r.generator for r in rows])
+        return tokens
+
+    def _keep(self, keep: list[int]) -> None:
+        """Drop every row not in `keep` from the batch, and the padding columns no remaining row needs."""
+        self.rows = [self.rows[i] for i in keep]
+        if self.cache is None or not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+        if self.weights.plain_cache:
+            self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        first = int(self.mask.any(0).int().argmax())  # the first column some live row attends to
+        if first == 0:
+            return
+        self.mask = self.mask[:, first:]
+        # DynamicLayer has no left crop; slicing its tensors gives views that the next update's cat copies.
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+def _left_pad(prompts: list[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def _merge(caches: list[DynamicCache], masks: list[torch.Tensor], config) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache and mask from the caches of several prefill chunks, each left-padded to the widest."""
+    width = max(m.shape[1] for m in masks)
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
+    layers = []
+    for per_chunk in zip(*(c.layers for c in caches)):
+        keys = torch.cat([F.pad(layer.keys, (0, 0, width - layer.keys.shape[-2], 0)) for layer in per_chunk])
+        values = torch.cat([F.pad(layer.values, (0, 0, width - layer.values.shape[-2], 0)) for layer in per_chunk])
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers, config=config), mask
+
+
+def _model_names(base_name: Optional[str], adapters: dict[str, str], full_models: dict[str, str]) -> list[str]:
+    names = ([base_name] if base_name is not None else []) + list(adapters) + list(full_models)
+    if not names:
+        raise ValueError("nothing to serve: base_name is None and there are no adapters or full models")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"model names must be unique across base_name, adapters and full_models: {', '.join(twice)}")
+    return names
+
+
+class TransformersEngine(Engine):
+    """The Engine on transformers + PEFT: the base, LoRA adapters on one shared copy of it, full fine-tunes."""
+
+    def __init__(self, base_path: str, *, base_name: Optional[str] = "base", adapters: Optional[dict[str, str]] = None,
+                 full_models: Optional[dict[str, str]] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa", max_batch_tokens: Optional[int] = None):
+        adapters, full_models = dict(adapters or {}), dict(full_models or {})
+        self.models = _model_names(base_name, adapters, full_models)
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.max_batch_tokens = max_batch_tokens
+        self.tokenizer = load_tokenizer(base_path)
+        config = AutoConfig.from_pretrained(base_path).get_text_config(decoder=True)
+        self.context_length: int = config.max_position_embeddings
+        self.vocab_size: int = config.vocab_size
+        # name -> (weights, PEFT adapter name or None)
+        self._routes: dict[str, tuple[_Weights, Optional[str]]] = {}
+        if base_name is not None or adapters:
+            self._load_shared(base_path, base_name, adapters)
+        for name, path in full_models.items():
+            self._routes[name] = (self._weights(self._load(path), mixed=False), None)
+        self.stop_token_ids: frozenset[int] = self._stop_token_ids()
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # PEFT passes adapter_names to the LoRA layers through hooks that live on the shared modules for the
+        # length of a forward: forwards of two batches at once (two threads) would see each other's names.
+        self._lock = threading.Lock()
+
+    def _load(self, path: str) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype,
+                                                     attn_implementation=self.attn_implementation)
+        return model.to(self.device).eval()
+
+    def _weights(self, module: torch.nn.Module, mixed: bool) -> _Weights:
+        config = module.config
+        layers = DynamicCache(config=config).layers
+        return _Weights(module, config, mixed, plain_cache=all(type(layer) is DynamicLayer for layer in layers))
+
+    def _load_shared(self, base_path: str, base_name: Optional[str], adapters: dict[str, str]) -> None:
+        base = self._load(base_path)
+        if not adapters:
+            self._routes[base_name] = (self._weights(base, mixed=False), None)
+            return
+        from peft import PeftModel
+
+        # Served names may hold "." or ":", which PEFT adapter names (module keys) cannot.
+        internal = {name: f"adapter{i}" for i, name in enumerate(adapters)}
+        (first, first_path), *rest = adapters.items()
+        model = PeftModel.from_pretrained(base, first_path, adapter_name=internal[first])
+        for name, path in rest:
+            model.load_adapter(path, adapter_name=internal[name])
+        model.eval()
+        weights = self._weights(model, mixed=True)
+        if base_name is not None:
+            self._routes[base_name] = (weights, BASE_ADAPTER)
+        for name in adapters:
+            self._routes[name] = (weights, internal[name])
+
+    def _stop_token_ids(self) -> frozenset[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for weights, _ in self._routes.values():
+            eos = getattr(weights.module.generation_config, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        if self.tokenizer.chat_template == CHAT_TEMPLATE:
+            ids.add(self.tokenizer.convert_tokens_to_ids(END_OF_TURN))
+        return frozenset(i for i in ids if i is not None)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
+        # Not a generator function itself: a bad request raises here, at the call, before any compute.
+        rows = [self._row(i, request) for i, request in enumerate(requests)]
+        return self._run(rows, len(requests))
+
+    def _row(self, index: int, request: GenerationRequest) -> _Row:
+        self._check(request)
+        weights, adapter = self._routes[request.model]
+        limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+        return _Row(index, request, weights, adapter, limit, detok, self.stop_token_ids, self.device)
+
+    def _check(self, request: GenerationRequest) -> None:
+        where, params, prompt = f"request {request.request_id!r}", request.params, request.prompt_ids
+        if request.model not in self._routes:
+            raise ValueError(f"{where}: unknown model {request.model!r}; this engine serves {', '.join(self.models)}")
+        if not prompt:
+            raise ValueError(f"{where}: the prompt is empty; at least one token is needed")
+        if len(prompt) >= self.context_length:
+            raise ValueError(f"{where}: the prompt has {len(prompt)} tokens, but the model's context is "
+                             f"{self.context_length} tokens, which leaves no room for a completion")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"{where}: prompt token ids must lie in [0, {self.vocab_size})")
+        if params.max_tokens < 1:
+            raise ValueError(f"{where}: max_tokens must be at least 1, got {params.max_tokens}")
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise ValueError(f"{where}: temperature must be a finite number >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"{where}: top_p must be in (0, 1], got {params.top_p}")
+        if any(not s for s in params.stop):
+            raise ValueError(f"{where}: stop strings must be non-empty")
+
+    def _run(self, rows: list[_Row], n: int) -> Iterator[list[Optional[Delta]]]:
+        groups = self._groups(rows)
+        while groups:
+            out: list[Optional[Delta]] = [None] * n
+            self._step(groups, out)
+            groups = [g for g in groups if g.rows]
+            yield out
+
+    def _groups(self, rows: list[_Row]) -> list[_Group]:
+        by_weights: dict[int, tuple[_Weights, list[_Row]]] = {}
+        for row in rows:
+            by_weights.setdefault(id(row.weights), (row.weights, []))[1].append(row)
+        return [_Group(w, group_rows, self.device, self._pad_id, self.max_batch_tokens)
+                for w, group_rows in by_weights.values()]
+
+    @torch.inference_mode()
+    def _step(self, groups: list[_Group], out: list[Optional[Delta]]) -> None:
+        with self._lock:
+            now = time.time()
+            for group in groups:
+                group.step(now, out)
