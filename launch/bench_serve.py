@@ -10,7 +10,7 @@ without dynamic batching, both apps measured in the same run.
    app with `serve.batch.enabled=true` and `false` (batches of one, the same code path), and the
    ratio on / off.
 
-    python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32]
+    python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy]
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def prepare(root: Path) -> tuple[Path, Path]:
     corpus = [sample_path("corpus.jsonl"), sample_path("train.jsonl")]
     base = materialize_tiny(ModelConfig(tokenizer_corpus=corpus), corpus, str(root / "cache"), 0, root / "base")
     index = root / "index"
+    register_configs()
+    register_resolvers()
     if not (index / "manifest.json").exists():
-        register_configs()
-        register_resolvers()
         update_index(_index_spec(index))
     return base, index
 
@@ -154,15 +154,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--python-proxy", action="store_true", help="Ray Serve's Python proxy instead of HAProxy")
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
-    from ragft.serve.run import run_serve
+    from ragft.serve.run import run_serve, serve_env
 
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-serve-"))
     base, index = prepare(root)
+    for key, value in serve_env(haproxy=not args.python_proxy).items():  # as `ragft serve` starts Ray
+        os.environ.setdefault(key, value)
     ray.init(configure_logging=False, log_to_driver=False)
     port = 8123
     results = {}

@@ -60,6 +60,10 @@ def ray_cluster():
     """The embedded local Ray, started once and shared by all tests that train."""
     import ray
 
+    from ragft.serve.run import serve_env
+
+    for key, value in serve_env(haproxy=True).items():  # as `ragft serve` starts its embedded Ray
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=4, configure_logging=False, log_to_driver=True)
     yield
     ray.shutdown()

@@ -6,9 +6,12 @@ finishes on the version it started with. It notices new versions by itself (ever
 `POLL_S`) and at once when a caller asks for at least a given version (`min_version`),
 which is how the ingress makes the answer after a live update cite the new text.
 
-Generator runs the engine with dynamic batching (`serve.batch`): concurrent requests that
-arrive while a batch decodes form the next batch. Every request streams internally; a
-non-streaming caller receives only the final item, with the whole text.
+Generator runs the engine with continuous batching: requests that arrive together are
+grouped by `serve.batch` (max_batch_size, batch_wait_timeout_s) and join the running batch at
+the next decode step, so no request waits for another to finish. (serve.batch alone forms a
+batch from the requests that arrive within its timeout and runs it to the end: under a closed
+loop the arrivals spread out and every batch ends up holding one request.) `complete` returns
+the final text, `stream` yields each piece.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 import torch
 from ray import serve
@@ -96,52 +99,82 @@ class Retriever:
 class Generator:
     def __init__(self, engine_args: dict, batch_enabled: bool, max_batch_size: int, batch_wait_timeout_s: float):
         self.engine = TransformersEngine(**on_this_node(engine_args))
-        # batching off = batches of one: the same code path, so the benchmark compares only the batching.
-        self._batched.set_max_batch_size(max_batch_size if batch_enabled else 1)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s if batch_enabled else 0.0)
+        # batching off = one request decoding at a time, through the same code: the benchmark's baseline.
+        self._max_rows = max_batch_size if batch_enabled else 1
+        self._batch = self.engine.open_batch(self._max_rows)
+        self._admit.set_max_batch_size(self._max_rows)
+        self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s if batch_enabled else 0.0)
+        self._sinks: dict[str, tuple[asyncio.Queue, float]] = {}  # request id -> (its deltas, admitted at)
+        self._decoding: Optional[asyncio.Task] = None
 
     def ping(self) -> bool:
         return True
 
-    async def generate(self, request: GenerationRequest, stream: bool) -> AsyncIterator[dict]:
-        """Items {text, completion_tokens, finish_reason, timed_out, generation_s}: each new piece of text
-        when streaming, else one item with the whole text when the request finishes."""
+    async def complete(self, request: GenerationRequest) -> dict:
+        """The finished completion: {text, completion_tokens, finish_reason, timed_out, generation_s}.
+        A plain call, not a stream: a non-streaming client needs one reply, and Ray's streaming
+        calls cost more per request."""
         pieces = []
-        async for item in self._batched(request):
-            if item is None:
-                continue
-            if stream:
-                yield item
-            else:
-                pieces.append(item["text"])
+        async for item in self._items(request):
+            pieces.append(item["text"])
             if item["finish_reason"] is not None:
-                if not stream:
-                    yield {**item, "text": "".join(pieces)}
+                return {**item, "text": "".join(pieces)}
+        raise RuntimeError(f"the engine ended request {request.request_id} without a finish reason")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[dict]:
+        """The same items as `complete`, one per new piece of text (call with handle.options(stream=True))."""
+        async for item in self._items(request):
+            yield item
+
+    async def _items(self, request: GenerationRequest) -> AsyncIterator[dict]:
+        queue = await self._admit(request)
+        admitted = time.perf_counter()
+        while True:
+            delta = await queue.get()
+            if isinstance(delta, BaseException):
+                raise delta
+            yield {"text": delta.text, "completion_tokens": delta.completion_tokens,
+                   "finish_reason": delta.finish_reason, "timed_out": delta.timed_out,
+                   "generation_s": time.perf_counter() - admitted}
+            if delta.finish_reason is not None:
                 return
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        started = time.perf_counter()
-        steps = self.engine.generate(requests)
-        finished = [False] * len(requests)
-        while True:
-            # Each decode step runs in a thread (torch releases the GIL), so the event loop keeps taking
-            # requests in: they queue for the next batch instead of waiting for this one to finish.
-            out = await asyncio.to_thread(next, steps, None)
-            if out is None:
-                return
-            row: list[Any] = []
-            for i, delta in enumerate(out):
-                if finished[i]:
-                    row.append(StopIteration)  # tells serve.batch this caller's stream is over
-                elif delta is None:
-                    row.append(None)  # nothing new for this request in this step
-                else:
-                    finished[i] = delta.finish_reason is not None
-                    row.append({"text": delta.text, "completion_tokens": delta.completion_tokens,
-                                "finish_reason": delta.finish_reason, "timed_out": delta.timed_out,
-                                "generation_s": time.perf_counter() - started})
-            yield row
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
+        """Requests that arrive together join the running batch together (one prefill forward);
+        returns at once, so admission never waits for a decode."""
+        queues = []
+        for request in requests:
+            queue: asyncio.Queue = asyncio.Queue()
+            queues.append(queue)
+            try:
+                self._batch.add(request.request_id, request)
+            except ValueError as err:  # this request's problem only: the others in the group go on
+                queue.put_nowait(err)
+                continue
+            self._sinks[request.request_id] = (queue, time.perf_counter())
+        if self._decoding is None or self._decoding.done():
+            self._decoding = asyncio.get_running_loop().create_task(self._decode())
+        return queues
+
+    async def _decode(self) -> None:
+        """Step the running batch while it has work, routing each request's deltas to its queue."""
+        try:
+            while self._batch.busy:
+                # Each step runs in a thread (torch releases the GIL), so the event loop keeps admitting
+                # requests meanwhile: they join at the next step.
+                out = await asyncio.to_thread(self._batch.step)
+                for key, delta in out.items():
+                    queue, _ = self._sinks[key]
+                    queue.put_nowait(delta)
+                    if delta.finish_reason is not None:
+                        del self._sinks[key]
+        except Exception as err:  # a bug, not a request's fault: fail every waiting request, never hang them
+            log.exception("the decode loop failed; failing %d requests", len(self._sinks))
+            for queue, _ in self._sinks.values():
+                queue.put_nowait(RuntimeError(f"generation failed: {type(err).__name__}: {err}"))
+            self._sinks.clear()
+            self._batch = self.engine.open_batch(self._max_rows)
 
 
 def on_this_node(engine_args: dict) -> dict:

@@ -29,8 +29,13 @@ with its own settings and seed. So the loop is written out here:
   decoded over a short window of recent tokens (`IncrementalDetokenizer`), and held back while it
   ends in an incomplete UTF-8 character or in what may be the beginning of a stop string.
 
-`generate` is a plain generator stepped with `next()`, possibly from a different thread each
-time (the Generator deployment runs each step in `asyncio.to_thread`). Grad mode is
+- Continuous batching. A `RunningBatch` takes requests at any time; at the next step they are
+  prefilled together and their caches stacked onto the running rows' (left-padded to the wider),
+  so a request never waits for another to finish. `generate` is the same machinery with every
+  request added up front.
+
+Steps may run on a different thread each time (the Generator deployment runs each in
+`asyncio.to_thread`). Grad mode is
 thread-local, so inference mode is entered inside each step rather than around the loop, and
 a lock keeps two batches' steps from running at once on the shared PEFT model.
 """
@@ -268,6 +273,35 @@ class _Group:
         self.positions = torch.empty(0)  # (rows,): position of each row's next token
         self.next_ids: Optional[torch.Tensor] = None  # (rows,): each row's newest token, the next forward's input
 
+    def admit(self, rows: list[_Row], now: float, out) -> None:
+        """Prefill `rows` and join them to the rows already decoding; their first tokens go to `out`.
+
+        The running rows' cache and the new rows' cache are left-padded to the wider of the two and
+        stacked, which is exact for the same reason left padding is: masks hide the padding and
+        every row keeps its own positions.
+        """
+        live = []
+        for row in rows:
+            if row.deadline is not None and row.deadline <= now:
+                out[row.index] = row.expire()
+            else:
+                live.append(row)
+        if not live:
+            return
+        new = _Group(self.weights, live, self.device, self.pad_id, self.max_batch_tokens)
+        new.next_ids = new._sample(new._prefill())
+        new._advance(out)
+        if not new.rows:
+            return
+        if self.cache is None or not self.rows:
+            self.rows, self.cache, self.mask = new.rows, new.cache, new.mask
+            self.positions, self.next_ids = new.positions, new.next_ids
+            return
+        self.cache, self.mask = _merge([self.cache, new.cache], [self.mask, new.mask], self.weights.config)
+        self.rows = self.rows + new.rows
+        self.positions = torch.cat([self.positions, new.positions])
+        self.next_ids = torch.cat([self.next_ids, new.next_ids])
+
     def step(self, now: float, out: list[Optional[Delta]]) -> None:
         expired = {i for i, row in enumerate(self.rows) if row.deadline is not None and row.deadline <= now}
         if expired:
@@ -278,6 +312,10 @@ class _Group:
                 return
         logits = self._prefill() if self.cache is None else self._decode()
         self.next_ids = self._sample(logits)
+        self._advance(out)
+
+    def _advance(self, out) -> None:
+        """Hand each row its newly sampled token; drop the rows that finished."""
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, self.next_ids.tolist())):  # the step's one host sync
             delta = row.advance(token)
@@ -494,24 +532,77 @@ class TransformersEngine(Engine):
         if any(not s for s in params.stop):
             raise ValueError(f"{where}: stop strings must be non-empty")
 
-    def _run(self, rows: list[_Row], n: int) -> Iterator[list[Optional[Delta]]]:
-        groups = self._groups(rows)
-        while groups:
-            out: list[Optional[Delta]] = [None] * n
-            self._step(groups, out)
-            groups = [g for g in groups if g.rows]
-            yield out
+    def open_batch(self, max_rows: Optional[int] = None) -> RunningBatch:
+        """A batch that requests join between steps (continuous batching); see `RunningBatch`."""
+        return RunningBatch(self, max_rows)
 
-    def _groups(self, rows: list[_Row]) -> list[_Group]:
-        by_weights: dict[int, tuple[_Weights, list[_Row]]] = {}
-        for row in rows:
-            by_weights.setdefault(id(row.weights), (row.weights, []))[1].append(row)
-        return [_Group(w, group_rows, self.device, self._pad_id, self.max_batch_tokens)
-                for w, group_rows in by_weights.values()]
+    def _run(self, rows: list[_Row], n: int) -> Iterator[list[Optional[Delta]]]:
+        batch = self.open_batch()
+        batch.admit_rows(rows)
+        while batch.busy:
+            out = batch.step()
+            yield [out.get(i) for i in range(n)]
+
+
+class RunningBatch:
+    """Continuous batching: requests `add`ed at any time (from any thread) join the decoding rows at the
+    next `step`, which prefills them and decodes every running row once. With `max_rows`, requests wait
+    in arrival order until a row is free; `max_rows=1` serves one request at a time (no batching).
+
+    `step` returns {key: Delta} for the requests that produced text or finished in that step, each
+    request keyed by what `add` was given.
+    """
+
+    def __init__(self, engine: TransformersEngine, max_rows: Optional[int] = None):
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1 or None, got {max_rows}")
+        self._engine = engine
+        self._max_rows = max_rows
+        self._pending: list[_Row] = []
+        self._pending_lock = threading.Lock()
+        self._groups: dict[int, _Group] = {}  # id(weights) -> the rows decoding on those weights
+
+    def add(self, key, request: GenerationRequest) -> None:
+        """Queue `request` (validated now: ValueError) to join at the next step."""
+        self.admit_rows([self._engine._row(key, request)])
+
+    def admit_rows(self, rows: list[_Row]) -> None:
+        with self._pending_lock:
+            self._pending.extend(rows)
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.rows) for g in self._groups.values())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self.running > 0
 
     @torch.inference_mode()
-    def _step(self, groups: list[_Group], out: list[Optional[Delta]]) -> None:
-        with self._lock:
+    def step(self) -> dict:
+        engine, out = self._engine, {}
+        with engine._lock:
             now = time.time()
-            for group in groups:
-                group.step(now, out)
+            for group in self._groups.values():
+                if group.rows:
+                    group.step(now, out)
+            joining = self._take_pending()
+            by_weights: dict[int, list[_Row]] = {}
+            for row in joining:
+                by_weights.setdefault(id(row.weights), []).append(row)
+            for key, rows in by_weights.items():
+                if key not in self._groups or not self._groups[key].rows:
+                    self._groups[key] = _Group(rows[0].weights, [], engine.device, engine._pad_id,
+                                               engine.max_batch_tokens)
+                group = self._groups[key]
+                if group.rows and not group.weights.plain_cache:
+                    self.admit_rows(rows)  # caches that cannot be merged: wait until the group drains
+                    continue
+                group.admit(rows, now, out)
+        return out
+
+    def _take_pending(self) -> list[_Row]:
+        with self._pending_lock:
+            room = len(self._pending) if self._max_rows is None else max(0, self._max_rows - self.running)
+            taken, self._pending = self._pending[:room], self._pending[room:]
+        return taken

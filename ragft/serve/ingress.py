@@ -297,11 +297,10 @@ class Ingress:
             return StreamingResponse(self._stream(kind, rec, model, jobs, extra, include_usage, echo),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         choices = []
-        async for index, item in self._run(jobs, stream=False):
+        for index, item in enumerate(await asyncio.gather(*(self.generator.complete.remote(j) for j in jobs))):
             choices.append({"index": index, "text": echo + item["text"], "finish_reason": item["finish_reason"]})
             rec.completion_tokens += item["completion_tokens"]
             rec.generation_s = max(rec.generation_s, item["generation_s"])
-        choices.sort(key=lambda c: c["index"])
         build = p.chat_response if kind == "chat" else p.completion_response
         body = build(rec.id, model, choices, p.usage(len(ids), rec.completion_tokens), extra)
         timing = f"retrieval;dur={rec.retrieval_s * 1000:.2f}, generation;dur={rec.generation_s * 1000:.2f}"
@@ -322,7 +321,7 @@ class Ingress:
                 yield p.sse(chunk(j, echo or None, None, role=kind == "chat"))
                 if echo and kind == "chat":
                     yield p.sse(chunk(j, echo, None))
-            async for index, item in self._run(jobs, stream=True):
+            async for index, item in self._streams(jobs):
                 if item["text"]:
                     yield p.sse(chunk(index, item["text"], None))
                 if item["finish_reason"] is not None:
@@ -344,17 +343,17 @@ class Ingress:
         finally:
             self.observer.record(rec)
 
-    async def _run(self, jobs: list[GenerationRequest], stream: bool) -> AsyncIterator[tuple[int, dict]]:
+    async def _streams(self, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, dict]]:
         """(choice index, item) from every job's Generator stream, interleaved as they arrive."""
         if len(jobs) == 1:
-            async for item in self.generator.options(stream=True).generate.remote(jobs[0], stream):
+            async for item in self.generator.options(stream=True).stream.remote(jobs[0]):
                 yield 0, item
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, job: GenerationRequest) -> None:
             try:
-                async for item in self.generator.options(stream=True).generate.remote(job, stream):
+                async for item in self.generator.options(stream=True).stream.remote(job):
                     await queue.put((index, item))
             except Exception as err:
                 await queue.put((index, err))

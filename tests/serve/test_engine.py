@@ -389,3 +389,48 @@ def test_detokenizer_on_random_tokens_matches_decode(engine):
         full = tok.decode(ids, skip_special_tokens=True)
         found = [full.find(s) for s in stops if s in full]
         assert text == (full[: min(found)] if found else full)
+
+
+def _drain(batch, into: dict[str, Result]) -> None:
+    for key, delta in batch.step().items():
+        result = into.setdefault(key, Result())
+        assert result.finish_reason is None, f"{key}: a Delta after its final one"
+        result.text += delta.text
+        result.tokens = delta.completion_tokens
+        result.finish_reason = delta.finish_reason
+
+
+def test_requests_joining_a_running_batch_match_each_alone(engine, ref):
+    """Continuous batching: rows admitted mid-decode (other models, longer and shorter prompts) are exact."""
+    batch, results = engine.open_batch(), {}
+    first = [greedy("r0", "base", encode(engine, PROMPTS[0]), 16), greedy("r1", "full", encode(engine, PROMPTS[1]), 12)]
+    later = [greedy("r2", "a", encode(engine, PROMPTS[2]), 10), greedy("r3", "b.v2", encode(engine, PROMPTS[3]), 14),
+             greedy("r4", "full", encode(engine, PROMPTS[4]), 6)]
+    for request in first:
+        batch.add(request.request_id, request)
+    for _ in range(3):
+        _drain(batch, results)
+    assert batch.running == 2
+    for request in later:  # joins rows that are 3 tokens in: caches of different widths stacked
+        batch.add(request.request_id, request)
+    _drain(batch, results)
+    assert batch.running == 5
+    while batch.busy:
+        _drain(batch, results)
+    for request in first + later:
+        assert_matches(engine, ref, request, results[request.request_id])
+
+
+def test_max_rows_one_serves_requests_one_after_another(engine, ref):
+    batch, results = engine.open_batch(max_rows=1), {}
+    requests = [greedy(f"r{i}", "a", encode(engine, PROMPTS[i]), 5) for i in range(3)]
+    for request in requests:
+        batch.add(request.request_id, request)
+    order = []
+    while batch.busy:
+        assert batch.running <= 1
+        _drain(batch, results)
+        order += [k for k, r in results.items() if r.finish_reason and k not in order]
+    assert order == ["r0", "r1", "r2"]
+    for request in requests:
+        assert_matches(engine, ref, request, results[request.request_id])
