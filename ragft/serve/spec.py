@@ -96,8 +96,13 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         main, base_path, found = describe(checkpoint, s.name)
         problems += found
         if main is not None:
-            if main.kind != "base" and s.base_name:
+            if main.kind == "full" and s.base_name and Path(base_path).is_absolute() and not Path(base_path).is_dir():
+                problems.append(f"serve.base_name={s.base_name}: the base model {base_path} of the full fine-tune "
+                                f"{checkpoint} does not exist (serve.base_name=null serves the checkpoint alone)")
+            elif main.kind != "base" and s.base_name:
                 models.append(ServedModel(s.base_name, "base", base_path))
+            elif main.kind == "full" and not extra_adapters(s):
+                base_path = main.path  # served alone: its own folder has the config and tokenizer
             models.append(main if main.kind != "base" else ServedModel(s.base_name or s.name, "base", main.path))
     extra = dict(s.adapters)
     if s.adapters_dir:
@@ -193,6 +198,10 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         retrieval=job.retrieval, serve=s, cluster=c, keys=keys,
         out_dir=str(Path(job.out_dir).expanduser().resolve()),
         resolved_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def extra_adapters(s: ServeConfig) -> bool:
+    return bool(s.adapters or s.adapters_dir)
 
 
 def resolve_checkpoint(value: str, train_runs_dir: str) -> tuple[Optional[str], list[str]]:

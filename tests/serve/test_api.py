@@ -197,6 +197,27 @@ def test_live_update_changes_the_next_citation(server):
     assert again.status_code == 404 and again.json()["error"]["code"] == "document_not_found"
 
 
+def test_update_while_requests_are_in_flight_drops_none(server):
+    """Requests running while a new index version is published finish, on the old or the new version."""
+    doc = next(d for d in CORPUS_V2.values() if d["id"] != "ferry-0001")
+    before = server.client().models.list().data[0].index_version
+
+    async def requests_and_an_update():
+        client = openai.AsyncOpenAI(base_url=server.url, api_key=USER_KEY, max_retries=0, timeout=120)
+        asks = [client.chat.completions.create(model="alpha", max_tokens=8,
+                                               messages=[{"role": "user", "content": QA[i]["question"]}])
+                for i in range(16)]
+        update = asyncio.to_thread(server.http, "POST", "/v1/index/documents", ADMIN_KEY,
+                                   json={"documents": [{"id": doc["id"], "text": doc["text"] + " Updated."}]})
+        return await asyncio.gather(*asks[:8], update, *asks[8:])
+
+    results = asyncio.run(requests_and_an_update())
+    update = results.pop(8)
+    assert update.status_code == 200 and update.json()["version"] == before + 1
+    assert {r.index_version for r in results} <= {before, before + 1}
+    assert all(r.choices[0].finish_reason in ("stop", "length") and r.citations for r in results)
+
+
 def test_missing_or_wrong_key_is_401(server):
     with pytest.raises(openai.AuthenticationError) as err:
         ask(server.client("wrong-key-0123456789abcdef"), "hello")
