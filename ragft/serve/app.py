@@ -14,7 +14,7 @@ from ragft.serve.spec import ServeSpec
 # Forwarded to the replicas: the offline switches and caches must hold there as they do in the driver.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "RAGFT_CACHE",
                  "TOKENIZERS_PARALLELISM", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
-                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
 
 
 def build_app(spec: ServeSpec, context_length: int) -> Application:

@@ -69,6 +69,9 @@ def serve_env(haproxy: bool) -> dict[str, str]:
     env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
     if haproxy:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # The ingress replica then takes requests directly and, when stopped, keeps taking them for
+        # this long so load balancers can notice (Ray's default, 30 s, made Ctrl-C take 30 s).
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     return env
 
 
