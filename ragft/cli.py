@@ -4,6 +4,7 @@
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
+  ragft registry list [registry.path=...] → ragft.registry.table
 Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed; 130 interrupted.
 """
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft.config.schema import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("train", "index", "search", "serve")
+COMMANDS = ("train", "index", "search", "serve", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
 
@@ -104,6 +105,25 @@ def serve(cfg: DictConfig) -> None:
     _guarded("serve", body, cfg.out_dir)
 
 
+def registry_command(args: list[str]) -> int:
+    """`ragft registry list [registry.path=<file>]`: the registered checkpoints and their eval metrics."""
+    from ragft import registry
+    from ragft.config.schema import RegistryConfig
+
+    path = RegistryConfig.path
+    for arg in args[1:]:
+        key, _, value = arg.partition("=")
+        if key != "registry.path" or not value:
+            print(f"ragft registry: unknown argument {arg!r} (expected registry.path=<file>)", file=sys.stderr)
+            return 2
+        path = value
+    if args[:1] != ["list"]:
+        print("usage: ragft registry list [registry.path=<file>]", file=sys.stderr)
+        return 2
+    print(registry.table(path))
+    return 0
+
+
 def register_resolvers() -> None:
     from ragft.sample import sample_path
 
@@ -116,6 +136,8 @@ def main() -> None:
         print(f"usage: ragft {{{','.join(COMMANDS)}}} [key=value ...] [--cfg job] [--help]", file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
+    if command == "registry":  # reads one file: no Hydra app, no run folder
+        sys.exit(registry_command(sys.argv[1:]))
     sys.argv[0] = f"ragft {command}"
     if command == "train":
         from ragft.train.resume import expand_resume

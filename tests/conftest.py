@@ -49,6 +49,8 @@ def compose_train(cache_dir, tmp_path):
         GlobalHydra.instance().clear()
         if not any(o.startswith("out_dir=") for o in overrides):
             overrides = (f"out_dir={tmp_path / 'run'}", *overrides)
+        if not any(o.startswith("registry.path=") for o in overrides):  # never the repo's runs/registry.jsonl
+            overrides = (f"registry.path={tmp_path / 'registry.jsonl'}", *overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name="train", overrides=list(overrides))
 

@@ -132,6 +132,15 @@ class LoopConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """Where checkpoints and their eval metrics are recorded (ragft.registry), and what `best` means."""
+
+    path: str = "runs/registry.jsonl"  # one file for every run under runs/ (shared storage on a cluster)
+    best_metric: str = "ft_rag.token_f1"  # "<system>.<metric>" as `ragft eval` records it
+    best_mode: str = "max"  # max | min (e.g. a loss)
+
+
+@dataclass
 class TrainJobConfig:
     """The primary config of `ragft train` (conf/train.yaml)."""
 
@@ -146,6 +155,7 @@ class TrainJobConfig:
     runs_dir: str = "runs/train"
     out_dir: str = MISSING
     resume: Optional[str] = None  # an earlier run's out_dir, or "latest" (expanded by ragft.train.resume)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # the final checkpoint is registered
     cache_dir: str = "${oc.env:RAGFT_CACHE,${oc.env:HOME}/.cache/ragft}"
 
 
@@ -306,6 +316,7 @@ class ServeJobConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # checkpoint=best|latest resolve here
     runs_dir: str = "runs/serve"
-    train_runs_dir: str = "runs/train"  # where checkpoint=latest looks
+    train_runs_dir: str = "runs/train"  # where checkpoint=latest looks when the registry has none
     out_dir: str = MISSING

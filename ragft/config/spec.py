@@ -79,6 +79,7 @@ class TrainSpec:
     grad_accum: int  # derived: global / (micro * workers)
     precision: str  # resolved: bf16 | fp32
     config_hash: str
+    registry_path: str = ""  # absolute; the final checkpoint is recorded there
     base_model_path: str = ""  # set by the driver: a from_pretrained folder or hub id
     tokenizer_path: str = ""
     plan: Optional[DataPlan] = None  # set by the driver after tokenization
@@ -194,6 +195,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         run_id=_previous_run_id(job.resume) or _run_id(),
         out_dir=str(Path(job.out_dir).resolve()),
         cache_dir=str(Path(os.path.expanduser(job.cache_dir)).resolve()),
+        registry_path=str(Path(job.registry.path).expanduser().resolve()),
         model=job.model,
         method=m,
         strategy=s,
@@ -212,7 +214,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
 
 def config_hash(resolved: dict) -> str:
     """Hash of what decides the result: everything but where outputs go and the resume pointer."""
-    relevant = {k: v for k, v in resolved.items() if k not in ("out_dir", "runs_dir", "resume", "hydra")}
+    relevant = {k: v for k, v in resolved.items() if k not in ("out_dir", "runs_dir", "resume", "hydra", "registry")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

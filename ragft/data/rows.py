@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 FORMATS = ("auto", "jsonl", "hf", "parquet")
 ON_BAD_ROW = ("error", "skip")
@@ -77,20 +79,40 @@ def read_examples(path: str, fmt: str = "auto", on_bad_row: str = "error") -> Re
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
 
-    result = ReadResult(examples=[])
-    for origin, row in _ROW_READERS[fmt](path):
+    examples, skipped = collect_rows(_ROW_READERS[fmt](path), parse_row, on_bad_row, path, "valid rows")
+    return ReadResult(examples=examples, skipped=skipped)
+
+
+def collect_rows(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str], T], on_bad_row: str, source: str,
+                 what: str, key: Optional[Callable[[T], str]] = None, key_name: str = "id") -> tuple[list[T], list]:
+    """Parse each (origin, row) of `source`; a bad row raises (on_bad_row="error") or is collected ("skip").
+
+    A row the source could not decode arrives as a BadRowError. With `key`, a row repeating an earlier
+    row's key is bad too (naming the first): keeping either copy silently would hide a mistake.
+    A source without a single good row is an error either way.
+    """
+    parsed: list[T] = []
+    skipped: list[BadRowError] = []
+    first_seen: dict[str, str] = {}
+    for origin, row in rows:
         try:
-            if isinstance(row, BadRowError):  # the source could not even decode this row
+            if isinstance(row, BadRowError):
                 raise row
-            result.examples.append(parse_row(row, origin))
+            item = parse(row, origin)
+            if key is not None:
+                k = key(item)
+                if k in first_seen:
+                    raise BadRowError.at(origin, f"duplicate {key_name} {k!r} (first at {first_seen[k]})")
+                first_seen[k] = origin
+            parsed.append(item)
         except BadRowError as err:
             if on_bad_row == "error":
                 raise
-            result.skipped.append(err)
-    if not result.examples:
-        detail = f" ({len(result.skipped)} bad rows skipped, first: {result.skipped[0]})" if result.skipped else ""
-        raise BadRowError(path, None, f"no valid rows{detail}")
-    return result
+            skipped.append(err)
+    if not parsed:
+        detail = f" ({len(skipped)} bad rows skipped, first: {skipped[0]})" if skipped else ""
+        raise BadRowError(str(source), None, f"no {what}{detail}")
+    return parsed, skipped
 
 
 def detect_format(path: str) -> str:

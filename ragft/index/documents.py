@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ragft.data.rows import BadRowError, jsonl_rows
+from ragft.data.rows import BadRowError, collect_rows, jsonl_rows
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -62,25 +62,10 @@ def read_documents(path: str, on_bad_row: str = "error", extensions: tuple[str, 
     if not p.exists():
         raise FileNotFoundError(f"corpus not found: {path}")
     rows = _folder_rows(p, extensions) if p.is_dir() else _jsonl_rows(p)
-    result = ReadDocuments(documents=[])
-    first_seen: dict[str, str] = {}
-    for origin, row in rows:
-        try:
-            if isinstance(row, BadRowError):
-                raise row
-            doc = row if isinstance(row, Document) else parse_document(row, origin)
-            if doc.id in first_seen:
-                raise BadRowError.at(origin, f"duplicate document id {doc.id!r} (first at {first_seen[doc.id]})")
-            first_seen[doc.id] = origin
-            result.documents.append(doc)
-        except BadRowError as err:
-            if on_bad_row == "error":
-                raise
-            result.skipped.append(err)
-    if not result.documents:
-        detail = f" ({len(result.skipped)} bad rows skipped, first: {result.skipped[0]})" if result.skipped else ""
-        raise BadRowError(str(path), None, f"no documents{detail}")
-    return result
+    documents, skipped = collect_rows(
+        rows, lambda row, origin: row if isinstance(row, Document) else parse_document(row, origin), on_bad_row,
+        str(path), "documents", key=lambda doc: doc.id, key_name="document id")
+    return ReadDocuments(documents=documents, skipped=skipped)
 
 
 def parse_document(row: Any, origin: str) -> Document:

@@ -21,7 +21,9 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
+from ragft import registry
+from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, RetrievalConfig, ServeConfig,
+                                 ServeJobConfig)
 from ragft.config.spec import ConfigError
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
@@ -90,7 +92,7 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
 
     # --- models
     models, base_path = [], None
-    checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir)
+    checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry)
     problems += found
     if checkpoint is not None:
         main, base_path, found = describe(checkpoint, s.name)
@@ -204,24 +206,28 @@ def extra_adapters(s: ServeConfig) -> bool:
     return bool(s.adapters or s.adapters_dir)
 
 
-def resolve_checkpoint(value: str, train_runs_dir: str) -> tuple[Optional[str], list[str]]:
-    """A checkpoint folder (or hub id) for `value`: a path, `latest`, or `best` (needs eval metrics)."""
-    if value == "latest":
+def resolve_checkpoint(value: str, train_runs_dir: str, reg: RegistryConfig) -> tuple[Optional[str], list[str]]:
+    """A checkpoint folder (or hub id) for `value`: a path, or `latest` / `best` from the registry."""
+    if value in ("latest", "best"):
+        try:
+            return registry.resolve(reg.path, value, reg.best_metric, reg.best_mode).checkpoint, []
+        except registry.RegistryError as err:
+            if value == "best":
+                return None, [str(err)]
+        # latest with an empty registry: the newest checkpoint of the runs on disk (older runs, copied runs)
         found = [c for run in sorted(Path(train_runs_dir).glob("*/checkpoints"))
                  for c in ckpt.complete_checkpoints(run)]
         if not found:
-            return None, [f"checkpoint=latest: no complete checkpoint under train_runs_dir={train_runs_dir}"]
+            return None, [f"checkpoint=latest: no checkpoint in the registry {reg.path} nor under "
+                          f"train_runs_dir={train_runs_dir}"]
         newest = max(found, key=lambda p: (p / ckpt.MANIFEST).stat().st_mtime)
         return str(newest.resolve()), []
-    if value == "best":
-        return None, ["checkpoint=best needs eval metrics in the registry (run `ragft eval` first); "
-                      "name a checkpoint folder or checkpoint=latest"]
     path = Path(value).expanduser()
     if path.exists():
         return str(path.resolve()), []
     if re.match(r"^[\w.-]+/[\w.-]+$", value) and not value.startswith((".", "/")):
         return value, []  # a hub id: from_pretrained resolves it (offline: from the local HF cache)
-    return None, [f"checkpoint={value} does not exist (a checkpoint folder, a model folder or hub id, or latest)"]
+    return None, [f"checkpoint={value} does not exist (a checkpoint folder, a model folder or hub id, latest or best)"]
 
 
 def describe(path: str, model_id: str) -> tuple[Optional[ServedModel], Optional[str], list[str]]:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
+from ragft import registry
 from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
 from ragft.train.tracking import WANDB_INFO
@@ -232,6 +233,11 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
     (Path(spec.out_dir) / "result.json").write_text(json.dumps(summary, indent=2))
     if result.error:
         raise RuntimeError(f"training failed: {result.error}; logs under {spec.out_dir}")
+    if final is not None and spec.registry_path:
+        links = {"result": str(Path(spec.out_dir) / "result.json"), **({"wandb": summary["wandb"].get("url")}
+                                                                    if summary.get("wandb") else {})}
+        registry.record_checkpoint(spec.registry_path, final, metrics={"train.loss": summary["metrics"].get("loss")},
+                                   links=links)
     return summary
 
 

@@ -84,14 +84,27 @@ def test_damaged_checkpoint_is_refused(compose_serve, serve_models, tmp_path, no
 
 
 def test_checkpoint_latest_and_best(compose_serve, serve_models, tmp_path, no_keys):
-    runs = tmp_path / "runs"
+    from ragft import registry
+
+    runs, reg = tmp_path / "runs", tmp_path / "registry.jsonl"
     for name, src in (("run-1", serve_models.alpha), ("run-2", serve_models.beta)):
         shutil.copytree(src, runs / name / "checkpoints" / "10")
     os.utime(runs / "run-1" / "checkpoints" / "10" / "manifest.json", (1e9, 1e9))  # run-2 is the newer
-    spec = validate_serve(compose_serve("checkpoint=latest", f"train_runs_dir={runs}"))
+    overrides = (f"train_runs_dir={runs}", f"registry.path={reg}")
+    # an empty registry: latest is the newest checkpoint on disk; best needs eval metrics
+    spec = validate_serve(compose_serve("checkpoint=latest", *overrides))
     assert spec.adapters["ft"] == str(runs / "run-2" / "checkpoints" / "10")
-    with pytest.raises(ConfigError, match="checkpoint=best needs eval metrics"):
-        validate_serve(compose_serve("checkpoint=best", f"train_runs_dir={runs}"))
+    with pytest.raises(ConfigError, match="no checkpoint in .* has metric 'ft_rag.token_f1'"):
+        validate_serve(compose_serve("checkpoint=best", *overrides))
+    # registered: latest is the last registered, best the best by registry.best_metric
+    registry.record_checkpoint(reg, runs / "run-2" / "checkpoints" / "10", metrics={"ft_rag.token_f1": 0.4})
+    registry.record_checkpoint(reg, runs / "run-1" / "checkpoints" / "10", metrics={"ft_rag.token_f1": 0.7})
+    assert validate_serve(compose_serve("checkpoint=latest", *overrides)).adapters["ft"] == str(
+        runs / "run-1" / "checkpoints" / "10")
+    assert validate_serve(compose_serve("checkpoint=best", *overrides)).adapters["ft"] == str(
+        runs / "run-1" / "checkpoints" / "10")
+    best_min = validate_serve(compose_serve("checkpoint=best", "registry.best_mode=min", *overrides))
+    assert best_min.adapters["ft"] == str(runs / "run-2" / "checkpoints" / "10")
 
 
 def test_adapters_dir_names_and_symlinks(compose_serve, serve_models, tmp_path, no_keys):

@@ -44,3 +44,7 @@ def test_train_command_from_the_issue(tmp_path, cache_dir):
     assert (final / "adapter_model.safetensors").is_file()
     result = json.loads((out / "result.json").read_text())
     assert result["final_checkpoint"] == str(final) and result["metrics"]["step"] == 12
+    from ragft import registry  # the final checkpoint is registered: `checkpoint=latest` finds it
+
+    latest = registry.resolve(tmp_path / "runs" / "registry.jsonl", "latest")
+    assert latest.checkpoint == str(final) and latest.step == 12 and latest.run_id == result["run_id"]

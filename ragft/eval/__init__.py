@@ -1,0 +1,1 @@
+"""ragft eval: base vs fine-tuned, each with and without retrieval, on the team's questions."""
