@@ -50,20 +50,11 @@ def synthetic_corpus(n: int, seed: int = 1) -> tuple[list[dict], list[str]]:
 
 
 def build_spec(corpus_path: Path, index_path: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ragft.cli import CONF_DIR, register_resolvers
-    from ragft.config.schema import register_configs
+    from ragft.cli import compose_config
     from ragft.index.spec import validate_index
 
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="index", overrides=[f"corpus.path={corpus_path}", f"index.path={index_path}",
-                                                      f"out_dir={index_path.parent / 'run'}", *overrides])
-    return validate_index(cfg)
+    return validate_index(compose_config("index", [f"corpus.path={corpus_path}", f"index.path={index_path}",
+                                                   f"out_dir={index_path.parent / 'run'}", *overrides]))
 
 
 def bench_build(args, work: Path, embedder) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -36,8 +35,9 @@ QUESTIONS = [
 
 def prepare(root: Path) -> tuple[Path, Path]:
     """The tiny base model (random init) and the sample index, built once under `root`."""
-    from ragft.cli import register_resolvers
-    from ragft.config.schema import ModelConfig, register_configs
+    from ragft.cli import compose_config
+    from ragft.config.schema import ModelConfig
+    from ragft.index.spec import validate_index
     from ragft.index.update import update_index
     from ragft.model.build import materialize_tiny
     from ragft.sample import sample_path
@@ -45,40 +45,19 @@ def prepare(root: Path) -> tuple[Path, Path]:
     corpus = [sample_path("corpus.jsonl"), sample_path("train.jsonl")]
     base = materialize_tiny(ModelConfig(tokenizer_corpus=corpus), corpus, str(root / "cache"), 0, root / "base")
     index = root / "index"
-    register_configs()
-    register_resolvers()
     if not (index / "manifest.json").exists():
-        update_index(_index_spec(index))
+        update_index(validate_index(compose_config("index", [f"index.path={index}", f"out_dir={root / 'run'}"])))
     return base, index
 
 
-def _index_spec(index: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ragft.cli import CONF_DIR
-    from ragft.index.spec import validate_index
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="index", overrides=[f"index.path={index}", f"out_dir={index.parent / 'run'}"])
-    return validate_index(cfg)
-
-
 def serve_spec(base: Path, index: Path, port: int, batching: bool, out: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ragft.cli import CONF_DIR
+    from ragft.cli import compose_config
     from ragft.serve.spec import validate_serve
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="serve", overrides=[
-            f"checkpoint={base}", f"index.path={index}", f"serve.port={port}", f"out_dir={out}",
-            f"serve.batch.enabled={str(batching).lower()}", "serve.retriever.max_replicas=1",
-            "serve.generator.max_ongoing_requests=64", "serve.ingress.max_ongoing_requests=128"])
-    return validate_serve(cfg)
+    return validate_serve(compose_config("serve", [
+        f"checkpoint={base}", f"index.path={index}", f"serve.port={port}", f"out_dir={out}",
+        f"serve.batch.enabled={str(batching).lower()}", "serve.retriever.max_replicas=1",
+        "serve.generator.max_ongoing_requests=64", "serve.ingress.max_ongoing_requests=128"]))
 
 
 def chat(client, url: str, question: str, max_tokens: int, rag: bool) -> tuple[float, dict, int]:

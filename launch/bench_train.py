@@ -32,15 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     """Train with ragft; return (steady-state throughput, spec facts the baseline must copy)."""
-    from hydra import compose, initialize_config_dir
-
-    from ragft.cli import CONF_DIR, register_resolvers
-    from ragft.config.schema import register_configs
+    from ragft.cli import compose_config
     from ragft.config.spec import validate_train
     from ragft.train.run import run
 
-    register_configs()
-    register_resolvers()
     overrides = [
         f"out_dir={out_dir}",
         f"method={args.method}",
@@ -53,8 +48,7 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
         f"train.eval_every={10 * args.steps}",  # eval only at the last step, as the baseline has none
         f"train.save_every={10 * args.steps}",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        spec = validate_train(compose(config_name="train", overrides=overrides))
+    spec = validate_train(compose_config("train", overrides))
     result = run(spec)
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steady = windows[1:-1] or windows[1:]  # drop the warmup window and the one holding eval + save

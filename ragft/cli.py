@@ -11,8 +11,9 @@ Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job faile
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("train", "index", "search", "serve", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
+_COMPOSE_LOCK = threading.Lock()
 
 
 def _guarded(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> None:
@@ -122,6 +124,20 @@ def registry_command(args: list[str]) -> int:
         return 2
     print(registry.table(path))
     return 0
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides` exactly as `ragft <command>` would, outside a
+    Hydra app: for the Ray-less launcher, tests and benchmarks."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with _COMPOSE_LOCK:  # Hydra's config store and GlobalHydra are process-wide: one composition at a time
+        register_configs()
+        register_resolvers()
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
 
 
 def register_resolvers() -> None:

@@ -20,11 +20,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from ragft.cli import CONF_DIR, register_resolvers
-from ragft.config.schema import register_configs
+from ragft.cli import compose_config
 from ragft.index.embed import DEFAULT_MODEL, Embedder
 from ragft.index.spec import validate_index
 from ragft.index.update import update_index
@@ -42,17 +39,13 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture
 def compose_train(cache_dir, tmp_path):
     """Compose conf/train.yaml with overrides, exactly as `ragft train` would."""
-    register_configs()
-    register_resolvers()
 
     def _compose(*overrides: str):
-        GlobalHydra.instance().clear()
         if not any(o.startswith("out_dir=") for o in overrides):
             overrides = (f"out_dir={tmp_path / 'run'}", *overrides)
         if not any(o.startswith("registry.path=") for o in overrides):  # never the repo's runs/registry.jsonl
             overrides = (f"registry.path={tmp_path / 'registry.jsonl'}", *overrides)
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+        return compose_config("train", overrides)
 
     return _compose
 
@@ -91,15 +84,11 @@ def embedder():
 @pytest.fixture(scope="session")
 def index_spec(tmp_path_factory):
     """`index_spec(index_path, *overrides, command="index")`: conf/index.yaml composed as `ragft index` would."""
-    register_configs()
-    register_resolvers()
     out = tmp_path_factory.mktemp("index-run")
 
     def _spec(index_path, *overrides: str, command: str = "index"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="index", overrides=[f"out_dir={out}", f"index.path={index_path}", *overrides])
-        return validate_index(cfg, command=command)
+        return validate_index(compose_config("index", [f"out_dir={out}", f"index.path={index_path}", *overrides]),
+                              command=command)
 
     return _spec
 

@@ -104,7 +104,7 @@ class Generator:
         self._batch = self.engine.open_batch(self._max_rows)
         self._admit.set_max_batch_size(self._max_rows)
         self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s if batch_enabled else 0.0)
-        self._sinks: dict[str, tuple[asyncio.Queue, float]] = {}  # request id -> (its deltas, admitted at)
+        self._sinks: dict[str, asyncio.Queue] = {}  # request id -> the queue its deltas go to
         self._decoding: Optional[asyncio.Task] = None
 
     def ping(self) -> bool:
@@ -152,7 +152,7 @@ class Generator:
             except ValueError as err:  # this request's problem only: the others in the group go on
                 queue.put_nowait(err)
                 continue
-            self._sinks[request.request_id] = (queue, time.perf_counter())
+            self._sinks[request.request_id] = queue
         if self._decoding is None or self._decoding.done():
             self._decoding = asyncio.get_running_loop().create_task(self._decode())
         return queues
@@ -165,13 +165,12 @@ class Generator:
                 # requests meanwhile: they join at the next step.
                 out = await asyncio.to_thread(self._batch.step)
                 for key, delta in out.items():
-                    queue, _ = self._sinks[key]
-                    queue.put_nowait(delta)
+                    self._sinks[key].put_nowait(delta)
                     if delta.finish_reason is not None:
                         del self._sinks[key]
         except Exception as err:  # a bug, not a request's fault: fail every waiting request, never hang them
             log.exception("the decode loop failed; failing %d requests", len(self._sinks))
-            for queue, _ in self._sinks.values():
+            for queue in self._sinks.values():
                 queue.put_nowait(RuntimeError(f"generation failed: {type(err).__name__}: {err}"))
             self._sinks.clear()
             self._batch = self.engine.open_batch(self._max_rows)

@@ -310,8 +310,7 @@ class _Group:
             self._keep([i for i in range(len(self.rows)) if i not in expired])
             if not self.rows:
                 return
-        logits = self._prefill() if self.cache is None else self._decode()
-        self.next_ids = self._sample(logits)
+        self.next_ids = self._sample(self._decode())  # rows join prefilled, through `admit`
         self._advance(out)
 
     def _advance(self, out) -> None:

@@ -14,7 +14,6 @@ POST /v1/index/documents and DELETE /v1/index/documents/{id} (admin key).
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
 
 import asyncio
-import json
 import time
 from typing import Any, AsyncIterator, Optional, Sequence
 
@@ -191,10 +190,7 @@ class Ingress:
 
     async def _upsert(self, request: Request, rec: RequestRecord) -> Response:
         self._need_index()
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise p.bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        body = p.decode_json(await request.body())
         rows = body.get("documents") if isinstance(body, dict) else None
         if not isinstance(rows, list) or not rows:
             raise p.bad_request("documents: expected a non-empty list of {id, text, title?, source?, metadata?}",
@@ -345,10 +341,6 @@ class Ingress:
 
     async def _streams(self, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, dict]]:
         """(choice index, item) from every job's Generator stream, interleaved as they arrive."""
-        if len(jobs) == 1:
-            async for item in self.generator.options(stream=True).stream.remote(jobs[0]):
-                yield 0, item
-            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, job: GenerationRequest) -> None:

@@ -84,12 +84,16 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-def parse(model: type[BaseModel], raw: bytes) -> Any:
-    """Decode and validate a request body, or raise the APIError a client should see."""
+def decode_json(raw: bytes) -> Any:
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    """Decode and validate a request body, or raise the APIError a client should see."""
+    data = decode_json(raw)
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:

@@ -88,17 +88,10 @@ def _free_port() -> int:
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from ragft.cli import CONF_DIR, register_resolvers
-    from ragft.config.schema import register_configs
+    from ragft.cli import compose_config
     from ragft.config.spec import validate_train
 
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=sys.argv[1:])
-    spec = validate_train(cfg)
+    spec = validate_train(compose_config("train", sys.argv[1:]))
     rank, world = init_process_group(spec.cluster.use_gpu)
     try:
         train_local(spec, rank, world)

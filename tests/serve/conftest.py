@@ -7,12 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
 from helpers.serve_models import build_lora_adapter, build_tiny_base
-from ragft.cli import CONF_DIR, register_resolvers
-from ragft.config.schema import register_configs
+from ragft.cli import compose_config
 from ragft.train import checkpoint as ckpt
 
 
@@ -44,12 +40,4 @@ def serve_models(tmp_path_factory, cache_dir) -> ServeModels:
 @pytest.fixture(scope="session")
 def compose_serve():
     """Compose conf/serve.yaml with overrides, exactly as `ragft serve` would."""
-    register_configs()
-    register_resolvers()
-
-    def _compose(*overrides: str):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="serve", overrides=list(overrides))
-
-    return _compose
+    return lambda *overrides: compose_config("serve", overrides)
