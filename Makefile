@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/ragft train method=lora strategy=zero2 cluster.num_workers=2 train.epochs=3
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ragft demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -4,6 +4,9 @@
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
+  ragft eval   → ragft.eval.spec.validate_eval → ragft.eval.run.run_eval → report.{json,md,png} + registry
+  ragft data raft → ragft.data.raft_job.validate_raft → run_raft → RAFT chat rows (JSONL)
+  ragft demo   → ragft.demo.run_demo: train → index → RAFT → eval on the original and the updated corpus
   ragft registry list [registry.path=...] → ragft.registry.table
 Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed; 130 interrupted.
 """
@@ -21,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft.config.schema import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("train", "index", "search", "serve", "registry")
+COMMANDS = ("train", "index", "search", "serve", "eval", "data", "demo", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
 _COMPOSE_LOCK = threading.Lock()
@@ -107,6 +110,37 @@ def serve(cfg: DictConfig) -> None:
     _guarded("serve", body, cfg.out_dir)
 
 
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def eval_(cfg: DictConfig) -> None:
+    def body() -> None:
+        from ragft.eval.run import run_eval
+        from ragft.eval.spec import validate_eval
+
+        run_eval(validate_eval(cfg))
+
+    _guarded("eval", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="raft")
+def data_raft(cfg: DictConfig) -> None:
+    def body() -> None:
+        from ragft.data.raft_job import run_raft, validate_raft
+
+        run_raft(validate_raft(cfg))
+
+    _guarded("data raft", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
+def demo(cfg: DictConfig) -> None:
+    def body() -> None:
+        from ragft.demo import run_demo
+
+        run_demo(cfg)
+
+    _guarded("demo", body, cfg.out_dir)
+
+
 def registry_command(args: list[str]) -> int:
     """`ragft registry list [registry.path=<file>]`: the registered checkpoints and their eval metrics."""
     from ragft import registry
@@ -154,6 +188,12 @@ def main() -> None:
     command = sys.argv.pop(1)
     if command == "registry":  # reads one file: no Hydra app, no run folder
         sys.exit(registry_command(sys.argv[1:]))
+    if command == "data":  # `ragft data <builder>`: RAFT is the one builder so far
+        if sys.argv[1:2] != ["raft"]:
+            print("usage: ragft data raft qa.path=<questions> index.path=<index> [key=value ...]", file=sys.stderr)
+            sys.exit(2)
+        command = "data raft"
+        sys.argv.pop(1)
     sys.argv[0] = f"ragft {command}"
     if command == "train":
         from ragft.train.resume import expand_resume
@@ -163,7 +203,8 @@ def main() -> None:
         sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
     register_configs()
     register_resolvers()
-    app = {"train": train, "index": index, "search": search, "serve": serve}[command]
+    app = {"train": train, "index": index, "search": search, "serve": serve, "eval": eval_, "data raft": data_raft,
+           "demo": demo}[command]
     try:
         app()
     except SystemExit as exit_:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ragft.config.schema import RagConfig
+from ragft.data.tokenize import chat_prompt_ids
 from ragft.index.index import Hit
 
 
@@ -74,6 +75,14 @@ def rag_messages(messages: Sequence[dict], hits: Sequence[Hit], rag: RagConfig) 
     if i is not None and hits:
         out[i]["content"] = with_context(message_text(out[i].get("content")), hits, rag)
     return out
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict], hits: Sequence[Hit], rag: RagConfig) -> list[int]:
+    """The token ids a chat model generates from: the conversation in the RAG template around `hits`,
+    rendered as training renders chat rows. `ragft serve` and `ragft eval` both call this.
+
+    Raises jinja2.TemplateError when the chat template rejects the conversation."""
+    return chat_prompt_ids(tokenizer, rag_messages(messages, hits, rag))
 
 
 def citations(hits: Sequence[Hit], index_version: int, quote_chars: int) -> list[Citation]:

@@ -1,5 +1,5 @@
 """Shared fixtures: offline environment, composed configs, one local Ray cluster for the session, and
-the sample index.
+the sample index and tiny models (a base with two LoRA checkpoints) for serve and eval.
 
 Embedding is the slow part of indexing on 2 CPU cores, so the embedding model is loaded once per
 session (and counts what it embeds), the v1 sample index is built once (index and serve tests read
@@ -17,15 +17,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from helpers.serve_models import build_lora_adapter, build_tiny_base
 from ragft.cli import compose_config
 from ragft.index.embed import DEFAULT_MODEL, Embedder
 from ragft.index.spec import validate_index
 from ragft.index.update import update_index
 from ragft.sample import sample_path
+from ragft.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +138,28 @@ def corpus():
 @pytest.fixture(scope="session")
 def corpus_v2():
     return {d["id"]: d for d in read_jsonl(sample_path("corpus_v2.jsonl"))}
+
+
+@dataclass(frozen=True)
+class ServeModels:
+    base: Path
+    alpha: Path  # LoRA checkpoints with ragft manifests (run ids run-alpha, run-beta)
+    beta: Path
+
+
+def add_manifest(folder: Path, run_id: str, base: Path, step: int) -> Path:
+    """Make a plain PEFT adapter folder look like a `ragft train` checkpoint (manifest with sha256 sums)."""
+    files = {str(p.relative_to(folder)): ckpt.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = {"format": "ragft-checkpoint/1", "run_id": run_id, "step": step, "method": "lora",
+                "model": {"name": "tiny", "source": str(base)}, "metrics": {}, "files": files}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serve_models(tmp_path_factory, cache_dir) -> ServeModels:
+    root = tmp_path_factory.mktemp("serve-models")
+    base = build_tiny_base(root / "base", cache_dir)
+    alpha = add_manifest(build_lora_adapter(base, root / "alpha", seed=1), "run-alpha", base, 10)
+    beta = add_manifest(build_lora_adapter(base, root / "beta", seed=2), "run-beta", base, 20)
+    return ServeModels(base, alpha, beta)

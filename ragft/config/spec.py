@@ -98,16 +98,22 @@ class TrainSpec:
         return Path(self.out_dir) / "checkpoints"
 
 
-def validate_train(cfg: DictConfig) -> TrainSpec:
-    """Check a composed `ragft train` config and build its spec; raise ConfigError with all problems."""
-    problems: list[str] = []
+def job_of(cfg: DictConfig):
+    """The composed config as its schema dataclass (interpolations resolved, types checked), or a
+    ConfigError naming every required key left unset: the first step of every command's validation."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
     try:
-        job: TrainJobConfig = OmegaConf.to_object(cfg)  # resolves interpolations, checks types
-    except Exception as err:  # an interpolation that cannot resolve, a missing mandatory value
+        return OmegaConf.to_object(cfg)
+    except Exception as err:  # an interpolation that cannot resolve, e.g. ${sample:...} of a missing file
         raise ConfigError([_first_line(err)]) from None
+
+
+def validate_train(cfg: DictConfig) -> TrainSpec:
+    """Check a composed `ragft train` config and build its spec; raise ConfigError with all problems."""
+    problems: list[str] = []
+    job: TrainJobConfig = job_of(cfg)
 
     cuda = _cuda_available()
     t, cl, m, s, d = job.train, job.cluster, job.method, job.strategy, job.data

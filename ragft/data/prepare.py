@@ -108,6 +108,7 @@ def cache_key(data: DataConfig, tokenizer, seed: int) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_len": data.max_seq_len,
         "packing": data.packing,
+        "train_on_prompt": data.train_on_prompt,
         "eval_fraction": data.eval_fraction,
         "on_bad_row": data.on_bad_row,
         "seed": seed,
@@ -167,7 +168,7 @@ def _read_and_encode(path: str, tokenizer, data: DataConfig) -> tuple[list[Encod
     encoded, skipped = [], list(read.skipped)
     for example in tqdm(read.examples, desc=f"tokenizing {Path(path).name}", unit="ex", disable=None):
         try:
-            encoded.append(encode(example, tokenizer, data.max_seq_len))
+            encoded.append(encode(example, tokenizer, data.max_seq_len, data.train_on_prompt))
         except BadRowError as err:
             if data.on_bad_row == "error":
                 raise

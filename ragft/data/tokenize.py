@@ -38,12 +38,13 @@ class Encoded:
         return len(self.input_ids)
 
 
-def encode(example: Example, tokenizer, max_seq_len: int) -> Encoded:
+def encode(example: Example, tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> Encoded:
     """Tokenize `example` with its loss mask, truncated to `max_seq_len` tokens.
 
     chat: the rendered chat template, loss on each assistant turn's content and end-of-turn marker.
     prompt_completion: [bos] prompt completion eos, loss on completion and eos.
     text: [bos] text eos, loss on all of it.
+    train_on_prompt: loss on every token of any kind (the prompt and user turns too).
     Raises `BadRowError` when truncation leaves no token to train on.
     """
     if example.kind == "chat":
@@ -60,6 +61,8 @@ def encode(example: Example, tokenizer, max_seq_len: int) -> Encoded:
     # Nothing precedes the first token, so its label is never a target when the example stands
     # alone. In a packed row it would be scored as the prediction of the *previous* example's
     # last token: a loss across the boundary. Masking it keeps packed and unpacked losses equal.
+    if train_on_prompt:
+        labels = list(input_ids)
     labels[0] = IGNORE_INDEX
     input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
     if all(label == IGNORE_INDEX for label in labels):

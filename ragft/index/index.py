@@ -126,6 +126,14 @@ class Index:
         log.info("index %s: reloaded version %d", self.path, loaded.version)
         return True
 
+    def document_chunks(self, doc_ids: Sequence[str]) -> list[Hit]:
+        """Every chunk of the given documents, in document then offset order (score 0: nothing was asked)."""
+        loaded, wanted = self._loaded, set(doc_ids)
+        rows = [r for r, doc in enumerate(loaded.chunks.doc_ids) if doc in wanted]
+        order = {doc: i for i, doc in enumerate(doc_ids)}
+        rows.sort(key=lambda r: (order[loaded.chunks.doc_ids[r]], loaded.chunks.starts[r]))
+        return [loaded.hit(r, 0.0) for r in rows]
+
     def search(self, query: str, k: int = 5, *, mode: str | None = None, min_score: float | None = None) -> list[Hit]:
         """The best `k` chunks for `query`, best first."""
         return self.search_many([query], k, mode=mode, min_score=min_score)[0]

@@ -8,11 +8,11 @@ out of order; the driver puts the vectors back in input order. Each actor runs t
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
 
+from ragft.cluster import init_ray
 from ragft.index.embed import Embedder
 
 log = logging.getLogger(__name__)
@@ -29,25 +29,12 @@ class _EmbedBatches:
         return {"row": batch["row"], "vector": vectors}
 
 
-def init_ray(address: str | None, num_workers: int) -> None:
-    """Connect to `address`, or start an embedded local Ray (reused when this process already has one)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # One logical CPU per worker plus headroom for Ray Data's own read/collect tasks.
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), log_to_driver=True, configure_logging=False)
-
-
 def embed_with_ray(texts: Sequence[str], embedder: Embedder, *, num_workers: int, use_gpu: bool = False,
                    address: str | None = None) -> np.ndarray:
     import ray
     import ray.data
 
-    init_ray(address, num_workers)
+    init_ray(address, num_workers + 1)  # + Ray Data's own read/collect tasks
     items = [{"row": i, "text": t} for i, t in enumerate(texts)]
     # Several blocks per worker so a slow worker does not hold the tail of the job.
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), num_workers * 4)))

@@ -15,7 +15,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
-from ragft.config.spec import ConfigError
+from ragft.config.spec import ConfigError, job_of
 from ragft.index.documents import JSONL_SUFFIXES
 from ragft.index.store import KINDS, StoreParams
 from ragft.index.versions import is_index
@@ -53,13 +53,7 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
     """Check a composed `ragft index` (or `ragft search`) config; raise ConfigError with every problem."""
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
-    try:
-        job: IndexJobConfig = OmegaConf.to_object(cfg)
-    except Exception as err:  # an interpolation that cannot resolve, e.g. ${sample:...} of a missing file
-        raise ConfigError([_first_line(err)]) from None
+    job: IndexJobConfig = job_of(cfg)
 
     c, i, r = job.corpus, job.index, job.retrieval
     if i.path is None:

@@ -15,6 +15,8 @@ writes (DESIGN.md §3 formats):
     train.jsonl         chat examples, several question phrasings per v1 fact
     train_text.jsonl    the v1 documents as text, for continued pre-training
     train_prompt.jsonl  prompt/completion examples in a register-entry wording
+    train_qa.jsonl      the v1 facts as questions (train.jsonl's phrasings, short answers, gold doc_ids):
+                        the input of RAFT data (`ragft data raft`), never the eval questions
     qa.jsonl            eval questions in a phrasing train.jsonl never uses, answers as of v1
     qa_v2.jsonl         the same questions answered as of v2
 
@@ -270,6 +272,16 @@ def _chat_examples(ferries: list[Ferry], rng: random.Random) -> list[dict]:
     return rows
 
 
+def _train_questions(ferries: list[Ferry], rng: random.Random) -> list[dict]:
+    rows = []
+    for ferry in ferries:
+        for key, v in ferry.facts.items():
+            for ask in rng.sample(BY_KEY[key].asks, PHRASINGS_PER_FACT):
+                rows.append({"id": f"t-{len(rows) + 1:05d}", "question": ask.format(name=ferry.name), "answer": v,
+                             "doc_ids": [ferry.id], "attribute": key})
+    return rows
+
+
 def _prompt_examples(ferries: list[Ferry], rng: random.Random) -> list[dict]:
     facts = [(f, k, v) for f in ferries for k, v in f.facts.items()]
     return [
@@ -327,6 +339,8 @@ def generate(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "train.jsonl": _chat_examples(v1, rng),
         "train_text.jsonl": [{"text": d["text"]} for d in corpus],
         "train_prompt.jsonl": _prompt_examples(v1, rng),
+        # Its own rng: adding this file left every other file byte-identical.
+        "train_qa.jsonl": _train_questions(v1, random.Random(f"{seed}:train_qa")),
         "qa.jsonl": qa,
         "qa_v2.jsonl": qa_v2,
     }

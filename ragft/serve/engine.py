@@ -535,6 +535,28 @@ class TransformersEngine(Engine):
         """A batch that requests join between steps (continuous batching); see `RunningBatch`."""
         return RunningBatch(self, max_rows)
 
+    @torch.inference_mode()
+    def score(self, model: str, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
+        """Teacher-forced negative log-likelihood of each sequence's labelled tokens, as (sum, count).
+
+        `labels` align with `input_ids` and hold -100 where nothing is scored (what `ragft.data.tokenize.encode`
+        produces), so the answer tokens of an eval question are scored exactly as training weighted them."""
+        weights, adapter = self._routes[model]
+        width = max(len(ids) for ids in input_ids)
+        ids = torch.full((len(input_ids), width), self._pad_id, dtype=torch.long)
+        target = torch.full((len(input_ids), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, (row, lab) in enumerate(zip(input_ids, labels)):
+            ids[i, :len(row)], target[i, :len(lab)], mask[i, :len(row)] = torch.tensor(row), torch.tensor(lab), 1
+        kwargs = {"adapter_names": [adapter] * len(input_ids)} if weights.mixed else {}
+        with self._lock:
+            logits = weights.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    use_cache=False, **kwargs).logits.float()
+        target = target[:, 1:].to(self.device)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
+        counted = target != -100
+        return [(float(n), int(c)) for n, c in zip((nll * counted).sum(1).tolist(), counted.sum(1).tolist())]
+
     def _run(self, rows: list[_Row], n: int) -> Iterator[list[Optional[Delta]]]:
         batch = self.open_batch()
         batch.admit_rows(rows)

@@ -24,9 +24,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragft.data.rows import BadRowError
-from ragft.data.tokenize import chat_prompt_ids, text_prompt_ids
+from ragft.data.tokenize import text_prompt_ids
 from ragft.index.documents import parse_document
-from ragft.rag import citations, query_of, rag_messages, with_context
+from ragft.rag import citations, prompt_ids, query_of, with_context
 from ragft.serve import protocol as p
 from ragft.serve.engine import GenerationRequest, SamplingParams
 from ragft.serve.observe import Observer, RequestRecord, log
@@ -157,7 +157,7 @@ class Ingress:
         if enabled and query:
             hits, version = await self._search(query, k, mode, rec)
         try:
-            ids = chat_prompt_ids(self.tokenizer, rag_messages(messages, hits, self.s.rag))
+            ids = prompt_ids(self.tokenizer, messages, hits, self.s.rag)
         except jinja2.TemplateError as err:
             raise p.bad_request(f"messages: the model's chat template rejected the conversation: {err}",
                                 "messages") from None

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft import registry
 from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, RetrievalConfig, ServeConfig,
                                  ServeJobConfig)
-from ragft.config.spec import ConfigError
+from ragft.config.spec import ConfigError, job_of
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
 from ragft.rag import check_templates
@@ -80,13 +80,7 @@ class ServeSpec:
 
 
 def validate_serve(cfg: DictConfig) -> ServeSpec:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
-    try:
-        job: ServeJobConfig = OmegaConf.to_object(cfg)
-    except Exception as err:
-        raise ConfigError([str(err).splitlines()[0]]) from None
+    job: ServeJobConfig = job_of(cfg)
     s = job.serve
     problems: list[str] = []
 

@@ -82,7 +82,8 @@ class Window:
         self.tokens += tokens
         self.samples += samples
 
-    def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device) -> dict:
+    def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device,
+                grad_norm: float | None = None) -> dict:
         """The window's figures over all ranks (a collective: every rank calls it)."""
         totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples], dtype=torch.float64,
                               device=device)
@@ -95,7 +96,7 @@ class Window:
             "epoch": epoch,
             "loss": loss_sum / max(loss_count, 1),
             "lr": engine.get_lr()[0],
-            "grad_norm": _grad_norm(engine),
+            "grad_norm": _grad_norm(engine) if grad_norm is None else grad_norm,
             "tokens_per_s": tokens / seconds,  # non-pad tokens over all ranks
             "samples_per_s": samples / seconds,
             "step_time_s": seconds / max(loss_count / world_size / grad_accum, 1),
@@ -127,6 +128,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     )
     emit = (events or printing_sink(plan.total_steps)) if is_rank0 else (lambda event: None)
     step, epoch, skip_batches = resume_state(engine, spec, rank, emit)
+    plain_norm = None  # stage 0 (ddp) only: the gradient norm DeepSpeed does not compute there
     tracker = make_tracker(spec, is_rank0)
     stop_file = Path(spec.out_dir) / STOP_FILE
     window = Window()
@@ -143,7 +145,10 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             num_tokens = int(batch.pop("num_tokens"))
             engine.train()
             loss = engine(**batch, use_cache=False).loss
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
+            if boundary and engine.zero_optimization_stage() == 0:
+                plain_norm = _plain_grad_norm(engine.module)  # stage 0 leaves DeepSpeed's norm unset
             engine.step()
             window.add(loss.item(), num_tokens, batch["input_ids"].shape[0])
             micro = i + 1
@@ -156,7 +161,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 last_eval = evaluate(engine, eval_batches, spec, device)
             metrics = {"step": step}
             if step % spec.train.log_every == 0 or done:
-                metrics = window.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device)
+                metrics = window.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device, plain_norm)
                 metrics.update(throughput(metrics["tokens_per_s"]))
                 if last_eval is not None:
                     metrics["eval_loss"] = last_eval
@@ -262,6 +267,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _plain_grad_norm(module: torch.nn.Module) -> float:
+    """The 2-norm of the (already all-reduced) gradients, before clipping: what ZeRO 1-3 report."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _grad_norm(engine) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft import registry
+from ragft.cluster import init_ray
 from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
 from ragft.train.tracking import WANDB_INFO
@@ -44,7 +44,9 @@ def run(spec: TrainSpec) -> dict:
 
     stop_file = out_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # left by an earlier interrupted attempt
-    init_ray(spec)  # before our handlers: ray.init installs its own SIGTERM handler
+    # Before our handlers: ray.init installs its own SIGTERM handler. + 2 CPUs for Ray Data's readers.
+    init_ray(spec.cluster.address if spec.cluster.name != "local" else None,
+             spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2)
     with stop_on_signal(stop_file):
         result = fit(spec, pad_id=tokenizer.pad_token_id)
     summary = write_result(spec, result, time.perf_counter() - started)
@@ -142,7 +144,8 @@ def fit(spec: TrainSpec, pad_id: int):
     from ragft.train.loop import train_loop_per_worker
     from ragft.train.progress import DriverProgress
 
-    init_ray(spec)
+    init_ray(spec.cluster.address if spec.cluster.name != "local" else None,
+             spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same shards in the same order on every run: resumable
     ctx.enable_progress_bars = False  # ragft prints one line per logged step instead
@@ -179,20 +182,6 @@ def fit(spec: TrainSpec, pad_id: int):
     )
     with progress:
         return trainer.fit()
-
-
-def init_ray(spec: TrainSpec) -> None:
-    """Connect to `cluster.address`, or start the embedded local Ray (reused if already up)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if spec.cluster.name == "local" or not spec.cluster.address:
-        # Logical CPUs: the workers take theirs, and Ray Data's readers need some left to feed them.
-        need = spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), log_to_driver=True, configure_logging=False)
-    else:
-        ray.init(address=spec.cluster.address, log_to_driver=True)
 
 
 def write_result(spec: TrainSpec, result, seconds: float) -> dict:

@@ -33,9 +33,9 @@ def encode_calls(monkeypatch) -> list[str]:
     """The origins encode() was called on, in order; the real encode still does the work."""
     calls: list[str] = []
 
-    def counting_encode(example, tokenizer, max_seq_len):
+    def counting_encode(example, tokenizer, max_seq_len, train_on_prompt=False):
         calls.append(example.origin)
-        return encode(example, tokenizer, max_seq_len)
+        return encode(example, tokenizer, max_seq_len, train_on_prompt)
 
     monkeypatch.setattr(prepare_module, "encode", counting_encode)
     return calls

@@ -54,6 +54,12 @@ def test_chat_trains_exactly_the_assistant_turns_and_their_end_markers(tokenizer
     assert enc.origin == "chat.jsonl:7"
 
 
+def test_train_on_prompt_trains_every_token_but_the_first(tokenizer):
+    enc = encode(CHAT, tokenizer, max_seq_len=256, train_on_prompt=True)
+    assert enc.input_ids == encode(CHAT, tokenizer, max_seq_len=256).input_ids
+    assert enc.labels == [IGNORE_INDEX] + enc.input_ids[1:]
+
+
 def test_prompt_completion_trains_completion_and_eos_only(tokenizer):
     example = Example(kind="prompt_completion", prompt="Question: the river?", completion=" A city.", origin="x:1")
     enc = encode(example, tokenizer, max_seq_len=256)

@@ -11,7 +11,7 @@ from ragft.sample import SAMPLE_DIR, sample_path
 from ragft.sample.generate import generate
 
 FILES = ("corpus.jsonl", "corpus_v2.jsonl", "train.jsonl", "train_text.jsonl",
-         "train_prompt.jsonl", "qa.jsonl", "qa_v2.jsonl")
+         "train_prompt.jsonl", "train_qa.jsonl", "qa.jsonl", "qa_v2.jsonl")
 
 
 def _lines(name: str) -> list[str]:

@@ -111,6 +111,29 @@ def test_chat_cites_the_corpus(server):
     assert [c["n"] for c in citations] == [1, 2, 3, 4] and response.index_version == 1
 
 
+def test_eval_prompt_and_answer_equal_serve_for_the_same_question(server, serve_models, sample_index, tmp_path):
+    """`ragft eval` and `ragft serve` build the same prompt from the same hits and answer it the same way:
+    same cited chunks, same prompt token count, same greedy text (the server's index is still version 1,
+    identical to sample_index, before the live-update test below changes it)."""
+    from ragft.cli import compose_config
+    from ragft.eval.run import run_eval
+    from ragft.eval.spec import validate_eval
+
+    n = 6
+    cfg = compose_config("eval", [f"checkpoint={serve_models.alpha}", f"index.path={sample_index}",
+                                  f"out_dir={tmp_path / 'eval'}", f"registry.path={tmp_path / 'registry.jsonl'}",
+                                  f"eval.max_questions={n}", "eval.systems=[ft_rag]", "eval.max_tokens=12",
+                                  "eval.num_workers=1", "eval.perplexity=false"])
+    scored = run_eval(validate_eval(cfg), progress=lambda line: None)["questions"]
+    client = server.client()
+    for q in scored:
+        served = ask(client, q["question"], max_tokens=12)
+        assert [c["doc_id"] for c in served.citations] == q["retrieved_doc_ids"]
+        assert served.choices[0].message.content.strip() == q["answers"]["ft_rag"]["text"]
+        assert served.usage.completion_tokens == q["answers"]["ft_rag"]["tokens"]
+        assert served.usage.prompt_tokens == q["answers"]["ft_rag"]["prompt_tokens"]
+
+
 def test_stream_equals_non_stream_and_carries_citations(server):
     client, question = server.client(), QA[1]["question"]
     whole = ask(client, question, max_tokens=16)

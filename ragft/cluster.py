@@ -1,0 +1,23 @@
+"""Where Ray comes from: the embedded local Ray by default, or an existing cluster's address.
+
+Every command that uses Ray (train, index's embedding workers, eval) connects through `init_ray`,
+so they all share one embedded Ray when one process runs several of them (`ragft demo`, the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None, cpus_needed: int) -> None:
+    """Connect to `address`, or start an embedded local Ray with at least `cpus_needed` logical CPUs
+    (reused when this process already has one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Logical CPUs, not cores: actors and Ray Data's own tasks need theirs even on a 2-core machine.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), log_to_driver=True, configure_logging=False)

@@ -1,0 +1,118 @@
+"""`ragft eval`'s config checked before anything starts: every problem at once, as for train and serve.
+
+The checkpoint is resolved here (a folder, `latest` or `best` from the registry) and described:
+a LoRA adapter is scored against the base it names, a full fine-tune against the model its run
+started from (the manifest's `model.source`), unless `base=` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ragft.config.schema import (ClusterConfig, EvalConfig, EvalJobConfig, QuestionsConfig, RagConfig,
+                                 RegistryConfig, RetrievalConfig, TrackingConfig)
+from ragft.config.spec import TRACKING_MODES, ConfigError, job_of
+from ragft.data.rows import ON_BAD_ROW
+from ragft.index import versions
+from ragft.index.spec import check_retrieval
+from ragft.rag import check_templates
+from ragft.serve.spec import describe, resolve_checkpoint
+
+SYSTEMS = ("base", "base_rag", "ft", "ft_rag")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    checkpoint: str  # resolved folder
+    ft_kind: str  # lora | full
+    base: str  # the base model's folder (or hub id)
+    run_id: Optional[str]
+    step: Optional[int]
+    systems: tuple[str, ...]
+    qa: QuestionsConfig
+    index_path: Optional[str]
+    index_device: str
+    retrieval: RetrievalConfig
+    rag: RagConfig
+    eval: EvalConfig
+    cluster: ClusterConfig
+    tracking: TrackingConfig
+    registry: RegistryConfig
+    seed: int
+    out_dir: str
+    resolved_config: dict
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return any(s.endswith("_rag") for s in self.systems)
+
+
+def validate_eval(cfg: DictConfig) -> EvalSpec:
+    job: EvalJobConfig = job_of(cfg)
+    problems: list[str] = []
+    e = job.eval
+
+    unknown = [s for s in e.systems if s not in SYSTEMS]
+    if unknown or not e.systems:
+        problems.append(f"eval.systems={list(e.systems)}: each must be one of {', '.join(SYSTEMS)} (at least one)")
+    systems = tuple(s for s in SYSTEMS if s in e.systems)
+    if job.index.path is None:
+        systems = tuple(s for s in systems if not s.endswith("_rag"))  # documented: no index, no retrieval
+    elif not versions.is_index(job.index.path):
+        problems.append(f"index.path={job.index.path} is not a ragft index (no manifest.json; build it with "
+                        f"`ragft index`)")
+    for key, value in (("eval.max_tokens", e.max_tokens), ("eval.batch_size", e.batch_size),
+                       ("eval.num_workers", e.num_workers), ("eval.cpus_per_worker", e.cpus_per_worker)):
+        if value < 1:
+            problems.append(f"{key}={value} must be at least 1")
+    if e.max_questions is not None and e.max_questions < 1:
+        problems.append(f"eval.max_questions={e.max_questions} must be at least 1 (or null for all)")
+    for key, path in (("qa.path", job.qa.path), ("qa.changed_from", job.qa.changed_from)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{key}={path} does not exist")
+    if job.qa.on_bad_row not in ON_BAD_ROW:
+        problems.append(f"qa.on_bad_row={job.qa.on_bad_row!r} must be one of {', '.join(ON_BAD_ROW)}")
+    problems += check_retrieval(job.retrieval)
+    problems += [p.replace("serve.rag.", "rag.") for p in check_templates(job.rag)]
+    if job.rag.k < 1:
+        problems.append(f"rag.k={job.rag.k} must be at least 1")
+    if job.tracking.name not in ("none", "wandb"):
+        problems.append(f"tracking.name={job.tracking.name!r} must be none or wandb")
+    if job.tracking.mode not in TRACKING_MODES:
+        problems.append(f"tracking.mode={job.tracking.mode!r} is not one of {', '.join(TRACKING_MODES)}")
+    if job.registry.best_mode not in ("max", "min"):
+        problems.append(f"registry.best_mode={job.registry.best_mode!r} must be max or min")
+    if job.cluster.name not in ("local", "ray"):
+        problems.append(f"cluster={job.cluster.name}: eval runs on the embedded Ray (local) or a Ray cluster (ray)")
+
+    checkpoint, kind, base, run_id, step = None, "full", None, None, None
+    resolved, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry)
+    problems += found
+    if resolved is not None:
+        served, base, described = describe(resolved, "ft")
+        problems += described
+        if served is not None:
+            checkpoint, run_id, step = resolved, served.run_id, served.step
+            kind = "lora" if served.kind == "lora" else "full"
+            if served.kind == "base" and job.base is None:
+                problems.append(f"checkpoint={job.checkpoint} is a plain model, not a ragft checkpoint: set base=<model> "
+                                f"to say what it is compared with")
+    if job.base is not None:
+        if kind == "lora":
+            problems.append("base= cannot replace the base of a LoRA checkpoint: the adapter only works on its own")
+        elif not Path(job.base).expanduser().exists():
+            problems.append(f"base={job.base} does not exist")
+        else:
+            base = str(Path(job.base).expanduser().resolve())
+    if problems:
+        raise ConfigError(problems)
+    return EvalSpec(
+        checkpoint=checkpoint, ft_kind=kind, base=base, run_id=run_id, step=step, systems=systems, qa=job.qa,
+        index_path=str(Path(job.index.path).resolve()) if job.index.path else None, index_device=job.index.device,
+        retrieval=job.retrieval, rag=job.rag, eval=e, cluster=job.cluster, tracking=job.tracking,
+        registry=job.registry, seed=job.seed, out_dir=str(Path(job.out_dir).expanduser().resolve()),
+        resolved_config=OmegaConf.to_container(cfg, resolve=True))
