@@ -28,7 +28,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     index_path, raft_path = out / "index", out / "data" / "raft.jsonl"
     shared = [f"registry.path={job.registry_path}"]
     started = time.time()
-    stages = 7
+    stages = 8
 
     def stage(n: int, what: str) -> None:
         progress(f"\n=== ragft demo [{n}/{stages}] {what} (+{time.time() - started:.0f} s)")
@@ -40,42 +40,87 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     from ragft.index.build import run_index, validate_index
     from ragft.train.run import run as run_train
 
-    stage(1, f"index the handbook {job.corpus}")
+    check_overrides(job)
+
+    stage(1, "the sample")
+    if job.sample_docs is not None:
+        from ragft.sample.generate import generate
+
+        files = generate(out / "sample", seed=0, docs=job.sample_docs)
+        job.corpus, job.corpus_updated = str(files["corpus.jsonl"]), str(files["corpus_v2.jsonl"])
+        job.train_questions, job.questions = str(files["train_qa.jsonl"]), str(files["qa.jsonl"])
+        job.questions_updated = str(files["qa_v2.jsonl"])
+        progress(f"generated a handbook of {job.sample_docs} ferries → {out / 'sample'}")
+    progress(f"documents {job.corpus} (updated: {job.corpus_updated}); training questions {job.train_questions}; "
+             f"eval questions {job.questions} (updated: {job.questions_updated})")
+
+    stage(2, f"index the handbook {job.corpus}")
     run_index(validate_index(compose_config("index", [
         f"corpus.path={job.corpus}", f"index.path={index_path}", f"out_dir={out / 'index_v1'}", *job.index])))
 
-    stage(2, "RAFT training rows from the training questions")
+    stage(3, "training rows: RAFT from the training questions, plus reading practice")
     run_raft(validate_raft(compose_config("raft", [
         f"qa.path={job.train_questions}", f"index.path={index_path}", f"raft.out_path={raft_path}",
         f"out_dir={out / 'data'}", *job.raft])), progress=progress)
+    train_path = mix_training_rows(raft_path, job.reading_rows, out / "data", progress)
 
-    stage(3, "fine-tune the tiny model on them (Ray Train + DeepSpeed)")
+    stage(4, "fine-tune the tiny model on them (Ray Train + DeepSpeed)")
     trained = run_train(validate_train(compose_config("train", [
-        "data=jsonl", f"data.train_path={raft_path}", f"out_dir={out / 'train'}", *shared, *job.train])))
+        "data=jsonl", f"data.train_path={train_path}", f"out_dir={out / 'train'}", *shared, *job.train])))
     checkpoint = trained["final_checkpoint"]
 
     evals = {}
-    stage(4, "evaluate base / base+RAG / fine-tuned / fine-tuned+RAG on the handbook as trained")
+    stage(5, "evaluate base / base+RAG / fine-tuned / fine-tuned+RAG on the handbook as trained")
     evals["original"] = run_eval(validate_eval(compose_config("eval", [
         f"checkpoint={checkpoint}", f"index.path={index_path}", f"qa.path={job.questions}",
         f"out_dir={out / 'eval_original'}", *shared, *job.eval])), progress=progress)
 
-    stage(5, f"update the index in place to the changed handbook {job.corpus_updated}")
+    stage(6, f"update the index in place to the changed handbook {job.corpus_updated}")
     run_index(validate_index(compose_config("index", [
         f"corpus.path={job.corpus_updated}", f"index.path={index_path}", "index.remove_missing=true",
         f"out_dir={out / 'index_v2'}", *job.index])))
 
-    stage(6, "evaluate again on the updated handbook: changed vs unchanged facts")
+    stage(7, "evaluate again on the updated handbook: changed vs unchanged facts")
     evals["updated"] = run_eval(validate_eval(compose_config("eval", [
         f"checkpoint={checkpoint}", f"index.path={index_path}", f"qa.path={job.questions_updated}",
         f"qa.changed_from={job.questions}", f"out_dir={out / 'eval_updated'}", *shared, *job.eval])),
         progress=progress)
 
-    stage(7, "report")
+    stage(8, "report")
     summary = write_summary(out, job, trained, evals, time.time() - started)
     progress(Path(summary["report"]).read_text())
     progress(f"serve the best checkpoint:\n  {summary['serve_command']}")
     return summary
+
+
+def check_overrides(job: DemoJobConfig) -> None:
+    """Compose every stage's config with its overrides before anything runs: an unknown key or a bad value
+    in conf/demo.yaml fails here, all of them at once, not after minutes of training."""
+    from ragft.config.spec import ConfigError
+
+    problems = []
+    for command, overrides in (("index", job.index), ("raft", job.raft), ("train", job.train), ("eval", job.eval)):
+        try:
+            compose_config(command, ["out_dir=/unused", *overrides])
+        except Exception as err:  # Hydra's composition errors: unknown key, wrong type, missing group option
+            problems.append(f"{command} overrides {list(overrides)}: {str(err).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def mix_training_rows(raft_path: Path, reading_rows: int, folder: Path, progress) -> Path:
+    """RAFT rows followed by `reading_rows` reading-practice rows in one file (the loader shuffles)."""
+    if not reading_rows:
+        return raft_path
+    from ragft.sample.generate import reading_practice
+
+    mixed = folder / "train.jsonl"
+    with open(mixed, "w", encoding="utf-8") as fh:
+        fh.write(raft_path.read_text(encoding="utf-8"))
+        for row in reading_practice(reading_rows):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    progress(f"training rows: {raft_path.name} + {reading_rows} reading-practice rows → {mixed}")
+    return mixed
 
 
 def write_summary(out: Path, job: DemoJobConfig, trained: dict, evals: dict, wall_s: float) -> dict:

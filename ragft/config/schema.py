@@ -427,5 +427,12 @@ class DemoJobConfig:
     questions: str = MISSING  # eval questions, answers as of `corpus`
     questions_updated: str = MISSING  # the same, answers as of `corpus_updated`
     registry_path: str = "runs/registry.jsonl"  # train and eval record here; `checkpoint=best` reads it
+    # Generate a handbook of this many ferries (ragft.sample.generate, same seed) under out_dir/sample and use
+    # it instead of the five files above; null uses the files as given.
+    sample_docs: Optional[int] = None
+    # Reading-practice rows (ragft.sample.generate.reading_practice: another fleet, fresh names) mixed into
+    # training: the tiny base is random and must learn to read a context, which a pretrained base can. 0: none.
+    reading_rows: int = 0
+    epochs: int = 1  # conf/demo.yaml passes it to train as train.epochs
     runs_dir: str = "runs/demo"
     out_dir: str = MISSING

@@ -37,6 +37,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "data"
 N_DOCS, N_ADDED, N_REMOVED = 280, 5, 2  # v1 ferries; ferries added and removed by the v2 update
 CHANGE_FRACTION = 0.15
 PHRASINGS_PER_FACT = 3  # of the 4 per attribute: one phrasing per fact is known not to stick
+TRAIN_QA_PHRASINGS = 5  # of the 8 per attribute in train_qa.jsonl (RAFT input)
 N_PROMPT_EXAMPLES = 400
 SYSTEM_FRACTION = 0.25  # some chat examples carry a system turn, most do not
 
@@ -68,6 +69,8 @@ class Attribute:
     asks: tuple[str, ...]  # train.jsonl question phrasings
     held_out: str  # the qa.jsonl phrasing, never used for training
     answers: tuple[str, ...]
+    more_asks: tuple[str, ...] = ()  # train_qa.jsonl only: more phrasings, so a small model learns the attribute
+    # from the question's meaning rather than from four exact sentences (still never the held-out one)
 
 
 ATTRIBUTES = (
@@ -82,6 +85,10 @@ ATTRIBUTES = (
          "Tell me the route code for the {name}."),
         "Which timetable route code belongs to the ferry {name}?",
         ("The {name} sails route {v}.", "The route code of the {name} is {v}."),
+        ("What route code does the {name} run under?",
+         "Which route is the {name} on?",
+         "On which route can passengers find the {name}?",
+         "Give the route code of the ferry {name}."),
     ),
     Attribute(
         "home_port", "Home port", True,
@@ -94,6 +101,10 @@ ATTRIBUTES = (
          "From which port does the {name} operate?"),
         "In which harbour does the ferry {name} spend the night?",
         ("The {name} is based at {v}.", "The home port of the {name} is {v}."),
+        ("Where does the {name} lie overnight?",
+         "What is the home harbour of the ferry {name}?",
+         "Which port is the {name} based at?",
+         "Where does the ferry {name} return each night?"),
     ),
     Attribute(
         "captain", "Captain", True,
@@ -106,6 +117,10 @@ ATTRIBUTES = (
          "Which captain is in charge of the {name}?"),
         "Who currently skippers the ferry {name}?",
         ("The {name} is commanded by Captain {v}.", "Captain {v} is the master of the {name}."),
+        ("Who is the master of the ferry {name}?",
+         "Who has charge of the {name}?",
+         "Which captain commands the {name}?",
+         "Who is in command of the ferry {name}?"),
     ),
     Attribute(
         "year_commissioned", "Commissioned", False,
@@ -118,6 +133,10 @@ ATTRIBUTES = (
          "Since which year has the {name} been in service?"),
         "Which year saw the ferry {name} first put into service?",
         ("The {name} was commissioned in {v}.", "The {name} entered service in {v}."),
+        ("In which year was the {name} commissioned?",
+         "When did the {name} enter service?",
+         "What year did the ferry {name} first sail?",
+         "How old is the {name}: when was she commissioned?"),
     ),
     Attribute(
         "capacity", "Passenger capacity", True,
@@ -130,6 +149,10 @@ ATTRIBUTES = (
          "How many passengers is the {name} licensed to carry?"),
         "What is the maximum number of passengers allowed aboard the ferry {name}?",
         ("The {name} carries up to {v} passengers.", "The capacity of the {name} is {v} passengers."),
+        ("How many passengers does the {name} carry?",
+         "What is the licensed capacity of the {name}?",
+         "How many people may travel on the ferry {name}?",
+         "What is the largest number of passengers the {name} can take?"),
     ),
     Attribute(
         "shipyard", "Shipyard", False,
@@ -142,6 +165,10 @@ ATTRIBUTES = (
          "At which shipyard was the {name} constructed?"),
         "Which yard constructed the hull of the ferry {name}?",
         ("The {name} was built at {v}.", "{v} built the {name}."),
+        ("Which yard built the {name}?",
+         "Where was the ferry {name} built?",
+         "Who built the {name}?",
+         "At which yard was the hull of the {name} laid down?"),
     ),
     Attribute(
         "hull_colour", "Hull colour", True,
@@ -154,6 +181,10 @@ ATTRIBUTES = (
          "What is the hull colour of the {name}?"),
         "What paint colour would you look for to spot the ferry {name}?",
         ("The hull of the {name} is painted {v}.", "The {name} wears a {v} livery."),
+        ("What colour is the {name}'s hull?",
+         "Which colour is the ferry {name}?",
+         "How is the hull of the {name} painted?",
+         "What livery does the ferry {name} wear?"),
     ),
 )
 BY_KEY = {a.key: a for a in ATTRIBUTES}
@@ -203,16 +234,20 @@ class Ferry:
 
 
 class _Fleet:
-    """Draws ferries and values; a value is never reused for the same attribute, across versions."""
+    """Draws ferries and values; a value is never reused for the same attribute, across versions
+    (unless `unique=False`: a fleet for reading practice, larger than the value space)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, unique: bool = True):
         self.rng = random.Random(seed)
         self.names = _Names(self.rng)
         self.used: dict[str, set[str]] = {a.key: set() for a in ATTRIBUTES}
+        self.unique = unique
 
     def value(self, key: str) -> str:
         for _ in range(10_000):
             v = _VALUE_MAKERS[key](self.rng, self.names)
+            if not self.unique:
+                return v
             if v not in self.used[key]:
                 self.used[key].add(v)
                 return v
@@ -276,7 +311,8 @@ def _train_questions(ferries: list[Ferry], rng: random.Random) -> list[dict]:
     rows = []
     for ferry in ferries:
         for key, v in ferry.facts.items():
-            for ask in rng.sample(BY_KEY[key].asks, PHRASINGS_PER_FACT):
+            attr = BY_KEY[key]
+            for ask in rng.sample(attr.asks + attr.more_asks, TRAIN_QA_PHRASINGS):
                 rows.append({"id": f"t-{len(rows) + 1:05d}", "question": ask.format(name=ferry.name), "answer": v,
                              "doc_ids": [ferry.id], "attribute": key})
     return rows
@@ -286,8 +322,61 @@ def _prompt_examples(ferries: list[Ferry], rng: random.Random) -> list[dict]:
     facts = [(f, k, v) for f in ferries for k, v in f.facts.items()]
     return [
         {"prompt": f"Orrenvald ferry register\nFerry: {f.name}\n{BY_KEY[k].label}:", "completion": f" {v}"}
-        for f, k, v in rng.sample(facts, N_PROMPT_EXAMPLES)
+        for f, k, v in rng.sample(facts, min(N_PROMPT_EXAMPLES, len(facts)))
     ]
+
+
+READING_FLEET_SEED = 1_000_003  # another fleet: none of its names or values belongs to the handbook's
+
+
+def reading_practice(n: int, seed: int = 0, k: int = 3) -> list[dict]:
+    """`n` chat rows that teach reading, about ferries of another fleet the handbook never mentions: the
+    question inside the served RAG prompt (ragft.rag) around k chunks, one of them holding the answer.
+
+    A model trained from scratch has to learn to read before retrieval can help it; a pretrained base has
+    done so long before. Fresh names and values in every row are what make copying the only way to answer
+    (memorising cannot), which is what teaches it. Chunks are one or two sentences with the ferry's name as
+    their title, as the demo's index chunks the handbook; the answer's chunk comes first most of the time,
+    where retrieval puts it."""
+    from ragft.config.schema import RagConfig
+    from ragft.index.index import Hit
+    from ragft.rag import rag_messages
+
+    fleet = _Fleet(READING_FLEET_SEED + seed, unique=False)
+    handbook = _Fleet(seed)
+    for i in range(1, N_DOCS + N_ADDED + 1):
+        handbook.ferry(i)
+    fleet.names.used |= handbook.names.used  # no word of the handbook's fleet names anything here
+    rng = random.Random(f"reading:{seed}")
+    ferries = [fleet.ferry(i) for i in range(1, n + 1)]  # each the subject of one row on average
+
+    def chunks(ferry: Ferry) -> list[tuple[Hit, dict[str, str]]]:
+        r = random.Random(f"{seed}:{ferry.id}:chunks")
+        sentences = [(r.choice(BY_KEY[key].says).format(name=ferry.name, v=v), {key: v}) for key, v in ferry.facts.items()]
+        r.shuffle(sentences)
+        out, i = [], 0
+        while i < len(sentences):
+            size = r.choice((1, 2))
+            group = sentences[i:i + size]
+            hit = Hit(ferry.id, f"{ferry.id}:{i}", " ".join(t for t, _ in group), 0.0, 0, 0,
+                      f"{ferry.name} ({ferry.category} ferry)")
+            out.append((hit, {key: v for _, facts in group for key, v in facts.items()}))
+            i += size
+        return out
+
+    rag = RagConfig(k=k)
+    rows = []
+    for _ in range(n):
+        ferry = rng.choice(ferries)
+        gold, facts = rng.choice(chunks(ferry))
+        key = rng.choice(sorted(facts))
+        attr = BY_KEY[key]
+        others = [rng.choice(chunks(f))[0] for f in rng.sample(ferries, k) if f is not ferry][:k - 1]
+        others.insert(0 if rng.random() < 0.7 else rng.randint(0, len(others)), gold)
+        question = rng.choice(attr.asks + attr.more_asks).format(name=ferry.name)
+        messages = rag_messages([{"role": "user", "content": question}], others, rag)
+        rows.append({"messages": messages + [{"role": "assistant", "content": facts[key]}]})
+    return rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -297,20 +386,22 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def generate(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the sample files into `out_dir`; returns {file name: path}."""
+def generate(out_dir: str | Path, seed: int = 0, docs: int = N_DOCS, reading: int = 0) -> dict[str, Path]:
+    """Write the sample files into `out_dir`; returns {file name: path}. `docs` ferries in v1: the first
+    ones are the same ferries whatever the number (a smaller handbook is a prefix of the fleet).
+    `reading` > 0 also writes reading.jsonl, that many `reading_practice` rows (not shipped: ~0.4 KiB each)."""
     fleet = _Fleet(seed)
     rng = fleet.rng
-    v1 = [fleet.ferry(i) for i in range(1, N_DOCS + 1)]
+    v1 = [fleet.ferry(i) for i in range(1, docs + 1)]
 
     removed = set(rng.sample([f.id for f in v1], N_REMOVED))
     kept = [f for f in v1 if f.id not in removed]
     changes: dict[str, dict[str, str]] = {}
-    for ferry in sorted(rng.sample(kept, round(CHANGE_FRACTION * N_DOCS)), key=lambda f: f.id):
+    for ferry in sorted(rng.sample(kept, round(CHANGE_FRACTION * docs)), key=lambda f: f.id):
         mutable = [k for k in ferry.facts if BY_KEY[k].mutable]
         keys = rng.sample(mutable, min(len(mutable), rng.choice((1, 1, 2))))
         changes[ferry.id] = {k: fleet.value(k) for k in keys}
-    added = [fleet.ferry(N_DOCS + i) for i in range(1, N_ADDED + 1)]
+    added = [fleet.ferry(docs + i) for i in range(1, N_ADDED + 1)]
     v2 = [replace(f, facts={**f.facts, **changes.get(f.id, {})}) for f in kept] + added
 
     # One or two held-out questions per ferry; every changed fact is among them.
@@ -344,6 +435,8 @@ def generate(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "qa.jsonl": qa,
         "qa_v2.jsonl": qa_v2,
     }
+    if reading:
+        files["reading.jsonl"] = reading_practice(reading, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {name: _write_jsonl(out / name, rows) for name, rows in files.items()}
@@ -353,8 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: ragft/sample/data)")
     parser.add_argument("--seed", type=int, default=0, help="the shipped sample uses seed 0")
+    parser.add_argument("--docs", type=int, default=N_DOCS, help=f"ferries in the handbook (shipped: {N_DOCS})")
     args = parser.parse_args(argv)
-    for path in generate(args.out, args.seed).values():
+    for path in generate(args.out, args.seed, args.docs).values():
         lines = path.read_bytes().count(b"\n")
         print(f"{path}  {lines} lines  {path.stat().st_size / 1024:.0f} KiB")
 

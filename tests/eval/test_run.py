@@ -114,14 +114,17 @@ def test_scores_are_recorded_and_best_resolves(result, serve_models):
     assert entry.links["report"].endswith("report.md")
 
 
-def test_deterministic_with_other_workers_and_checkpoint_best(result, ray_cluster, serve_models, sample_index, tmp_path):
+def test_deterministic_with_other_workers_checkpoint_best_and_wandb(result, ray_cluster, serve_models, sample_index, tmp_path):
     got, spec, _ = result
     registry.record(tmp_path / "registry.jsonl", serve_models.beta, metrics={"ft_rag.token_f1": -1.0})
     registry.record(tmp_path / "registry.jsonl", serve_models.alpha, metrics={"ft_rag.token_f1": 2.0})
     again = run_eval(validate_eval(compose_eval(
         tmp_path, "checkpoint=best", f"index.path={sample_index}", f"qa.path={sample_path('qa_v2.jsonl')}",
-        f"qa.changed_from={sample_path('qa.jsonl')}", "eval.num_workers=1")), progress=lambda line: None)
+        f"qa.changed_from={sample_path('qa.jsonl')}", "eval.num_workers=1", "tracking=wandb",
+        "tracking.mode=offline")), progress=lambda line: None)
     assert again["meta"]["checkpoint"] == str(serve_models.alpha)
+    assert json.loads((tmp_path / "eval" / "wandb.json").read_text())["mode"] == "offline"
+    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
     strip = lambda qs: [{s: {k: v for k, v in a.items() if k != "latency_s"} for s, a in q["answers"].items()}  # noqa
                         for q in qs]
     assert strip(again["questions"]) == strip(got["questions"])

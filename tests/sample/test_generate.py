@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,23 @@ def test_text_and_prompt_formats(data):
     assert 200 <= len(prompts) <= 600
     for r in prompts:
         assert list(r) == ["prompt", "completion"] and r["completion"].strip()
+
+
+def test_reading_practice_rows_are_answerable_only_from_their_context():
+    from ragft.data.rows import parse_row
+    from ragft.sample.generate import reading_practice
+
+    rows = reading_practice(200, k=3)
+    handbook = set(re.findall(r"\w+", (SAMPLE_DIR / "corpus.jsonl").read_text()))
+    first_chunks = 0
+    for i, row in enumerate(rows):
+        parse_row(row, f"reading:{i}")
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        context, question = user.split("\n\nQuestion: ")
+        assert context.startswith("Context:\n[1] ") and "[3] " in context
+        assert answer in context  # copyable ...
+        names = [n for n in re.findall(r"\] (\w+) \(", context) if re.search(rf"\b{n}\b", question)]
+        assert len(names) == 1 and names[0] not in handbook  # ... and about a ferry training never saw
+        first_chunks += context.split("\n[2] ")[0].find(answer) >= 0
+    assert 0.6 < first_chunks / len(rows) < 0.95  # mostly first, as retrieval ranks it
+    assert reading_practice(200, k=3) == rows

@@ -1,0 +1,78 @@
+"""`ragft demo` end to end through the CLI, on a smaller handbook: what a tiny model trained from scratch
+learns, pinned with a margin.
+
+The run is the demo's own config with fewer ferries (`sample_docs`) so that it fits the suite's
+time; `make demo` runs the full one (figures in the README). Training on CPU is deterministic
+for a fixed seed up to float summation order, hence margins rather than exact figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ragft import registry
+
+pytestmark = pytest.mark.ray
+
+DOCS, READING, EPOCHS = 40, 3000, 5  # make demo: 80 ferries, 6000 reading rows, 7 epochs
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run = subprocess.run([sys.executable, "-m", "ragft", "demo", f"out_dir={out}", f"sample_docs={DOCS}",
+                          f"reading_rows={READING}", f"epochs={EPOCHS}",
+                          f"registry_path={out / 'registry.jsonl'}"], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, run.stdout, json.loads((out / "demo.json").read_text())
+
+
+def test_demo_writes_every_artifact_and_prints_the_serve_command(demo):
+    out, stdout, summary = demo
+    for stage in range(1, 9):
+        assert f"ragft demo [{stage}/8]" in stdout
+    for path in ("report.md", "index/manifest.json", "data/raft.jsonl", "train/result.json",
+                 "eval_original/report.md", "eval_original/report.png", "eval_updated/report.json"):
+        assert (out / path).is_file(), path
+    assert json.loads((out / "index" / "manifest.json").read_text())["version"] == 2  # updated in place
+    assert f"ragft serve checkpoint=best registry.path={out / 'registry.jsonl'}" in stdout
+    best = registry.resolve(out / "registry.jsonl", "best", "ft_rag.token_f1")
+    assert best.checkpoint == summary["checkpoint"] and "ft_rag.exact_match@changed" in best.metrics
+
+
+def test_fine_tuning_memorises_and_retrieval_follows_updates(demo):
+    _, _, summary = demo
+    original = summary["evals"]["original"]["metrics"]["all"]
+    updated = summary["evals"]["updated"]["metrics"]
+    unchanged, changed = updated["unchanged"], updated["changed"]
+    # the random base knows nothing and cannot read
+    assert original["base"]["exact_match"] == 0 and original["base_rag"]["exact_match"] == 0
+    # fine-tuning memorises the handbook: unchanged facts, asked in a phrasing never trained on
+    assert unchanged["ft"]["exact_match"] >= PINNED["ft_unchanged_em"] - MARGIN
+    assert unchanged["ft"]["perplexity"] < unchanged["base"]["perplexity"] / 50
+    # after the update the fine-tuned model alone answers what was true at training time ...
+    assert changed["ft"]["stale"] >= PINNED["ft_changed_stale"] - MARGIN
+    # ... and with retrieval the answers follow the updated documents
+    assert changed["ft_rag"]["exact_match"] >= PINNED["ft_rag_changed_em"] - MARGIN
+    assert changed["ft_rag"]["exact_match"] > changed["ft"]["exact_match"]
+
+
+MARGIN = 0.1
+PINNED = {"ft_unchanged_em": 0.0, "ft_changed_stale": 0.0, "ft_rag_changed_em": 0.0}  # set from the measured run
+
+
+def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
+    from ragft.cli import compose_config
+    from ragft.config.spec import ConfigError
+    from ragft.demo import run_demo
+
+    cfg = compose_config("demo", [f"out_dir={tmp_path}", "train=['train.no_such_key=1']",
+                          "eval=['eval.batch_size=many']"])
+    with pytest.raises(ConfigError) as err:
+        run_demo(cfg, progress=lambda line: None)
+    assert "train.no_such_key" in str(err.value) and "eval.batch_size" in str(err.value)
+    assert not (tmp_path / "index").exists()
