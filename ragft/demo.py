@@ -58,7 +58,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     run_index(validate_index(compose_config("index", [
         f"corpus.path={job.corpus}", f"index.path={index_path}", f"out_dir={out / 'index_v1'}", *job.index])))
 
-    stage(3, "training rows: RAFT from the training questions, plus reading practice")
+    stage(3, "training rows: RAFT from the training questions" + (", plus reading practice" if job.reading_rows else ""))
     run_raft(validate_raft(compose_config("raft", [
         f"qa.path={job.train_questions}", f"index.path={index_path}", f"raft.out_path={raft_path}",
         f"out_dir={out / 'data'}", *job.raft])), progress=progress)
