@@ -13,6 +13,7 @@ Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job faile
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -58,12 +59,25 @@ def _guarded(command: str, body: Callable[[], None], logs: str, bad_input_hint: 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train(cfg: DictConfig) -> None:
     def body() -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from ragft import slurm
         from ragft.config.spec import validate_train
+        from ragft.sweep.trial import trial_of_hydra_job
         from ragft.train.run import run
 
-        run(validate_train(cfg))
+        spec = validate_train(trial_of_hydra_job(cfg))  # in a sweep: the trial's own folder and W&B group
+        if spec.cluster.name == "slurm" and not slurm.in_allocation() and not _in_submitit_job():
+            slurm.submit(spec, list(HydraConfig.get().overrides.task))  # the allocation runs this job again
+        else:
+            run(spec)
 
     _guarded("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
+
+
+def _in_submitit_job() -> bool:
+    """A trial that hydra/launcher=submitit_slurm started: already a Slurm job, so it trains right here."""
+    return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
@@ -179,6 +193,12 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("sample"):
         OmegaConf.register_new_resolver("sample", sample_path)
+    if not OmegaConf.has_resolver("slurm_minutes"):  # submitit's timeout_min from cluster.time
+        from ragft.slurm import time_minutes
+
+        OmegaConf.register_new_resolver("slurm_minutes", time_minutes)
+    if not OmegaConf.has_resolver("mul"):  # cluster/slurm.yaml: num_workers = nodes × gpus_per_node
+        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
 def main() -> None:
@@ -201,6 +221,10 @@ def main() -> None:
         sys.argv[1:] = expand_resume(sys.argv[1:])
     if command == "search":
         sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
+    if command == "train" and "hydra/launcher=submitit_slurm" in sys.argv[1:]:
+        from ragft.slurm import submitit_overrides
+
+        sys.argv[1:] += submitit_overrides(sys.argv[1:])  # sbatch options from the cluster group
     register_configs()
     register_resolvers()
     app = {"train": train, "index": index, "search": search, "serve": serve, "eval": eval_, "data raft": data_raft,

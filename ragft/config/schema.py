@@ -93,12 +93,29 @@ class ClusterConfig:
     """Where the workers run: an embedded local Ray (default), a Ray cluster, or Slurm."""
 
     name: str = "local"  # local | ray | slurm
-    address: Optional[str] = None  # Ray address for cluster=ray (ray://host:10001, host:6379, auto)
+    address: Optional[str] = None  # Ray address for cluster=ray: host:6379, or auto on a cluster node
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker restarts from the latest checkpoint before the job fails
     peak_tflops: Optional[float] = None  # per device, for MFU when the GPU is not in ragft's table
+    # cluster=slurm: the allocation `ragft train` asks for (ragft.slurm renders slurm/ray_train.sbatch).
+    # One Slurm task per node runs a Ray node; the training job inside is the same Ray Train job.
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8  # CPUs per node handed to Ray (Train workers, data readers)
+    mem: Optional[str] = None  # per node, sbatch --mem syntax (e.g. 400G); null: the partition's default
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"  # the job's limit; preemption handling starts signal_lead_s before it
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    sbatch_extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--exclusive"]
+    setup: list[str] = field(default_factory=list)  # shell lines before Ray starts (module load, venv ...)
+    signal_lead_s: int = 300  # USR1 this long before the limit: checkpoint, requeue, resume on the next run
+    requeue: bool = True  # false: a preempted/timed-out job checkpoints and ends instead of requeueing
+    ray_port: int = 6379  # the head's GCS port inside the allocation
+    dry_run: bool = False  # print the rendered sbatch script instead of submitting it
 
 
 @dataclass
@@ -136,6 +153,19 @@ class LoopConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A Hydra multirun (`ragft train -m ...`): how trials are ranked, run and stopped."""
+
+    name: Optional[str] = None  # W&B group of every trial and sweep folder name; null: the sweep folder's name
+    metric: str = "eval_loss"  # what trials are ranked (and ASHA-stopped) by: a key of the logged metrics
+    mode: str = "min"  # min | max
+    max_concurrent: int = 2  # Ray Tune launcher: trials running at once (each a whole Ray Train job)
+    scheduler: str = "fifo"  # fifo: every trial runs to the end | asha: stop trials behind at each rung
+    grace_period: int = 1  # asha: evaluations a trial gets before it can be stopped
+    reduction_factor: int = 2  # asha: 1/reduction_factor of the trials go on at each rung
+
+
+@dataclass
 class RegistryConfig:
     """Where checkpoints and their eval metrics are recorded (ragft.registry), and what `best` means."""
 
@@ -160,6 +190,7 @@ class TrainJobConfig:
     out_dir: str = MISSING
     resume: Optional[str] = None  # an earlier run's out_dir, or "latest" (expanded by ragft.train.resume)
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # the final checkpoint is registered
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # read only by `ragft train -m` (multirun)
     cache_dir: str = "${oc.env:RAGFT_CACHE,${oc.env:HOME}/.cache/ragft}"
 
 

@@ -117,6 +117,8 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
 
     cuda = _cuda_available()
     t, cl, m, s, d = job.train, job.cluster, job.method, job.strategy, job.data
+    # On a cluster the workers' GPUs are not this machine's: a CPU-only head or login node validates GPU jobs.
+    remote_gpus = cl.name in ("ray", "slurm") and cl.use_gpu
 
     # --- batch arithmetic
     for name in ("micro_batch_size", "global_batch_size", "log_every", "eval_every", "save_every", "keep_last"):
@@ -143,7 +145,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
     if m.name not in METHODS:
         problems.append(f"method.name={m.name!r} is not one of {', '.join(METHODS)}")
     if m.name == "qlora":
-        if not cuda:
+        if not (cuda or remote_gpus):
             problems.append("method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible here")
         if not _has_module("bitsandbytes"):
             problems.append("method=qlora needs bitsandbytes: pip install 'ragft[qlora]'")
@@ -162,7 +164,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append("strategy.offload_optimizer needs ZeRO stage 1, 2 or 3")
     if s.precision not in PRECISIONS:
         problems.append(f"strategy.precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if s.precision == "bf16" and not (cuda and _cuda_bf16()):
+    if s.precision == "bf16" and not (_cuda_bf16() or remote_gpus):
         problems.append("strategy.precision=bf16 needs a GPU with bf16 support; use auto or fp32")
 
     # --- data
@@ -181,6 +183,17 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
 
     # --- model (probed on the meta device: no weights are loaded)
     problems += _check_model(job.model, m, d)
+
+    if cl.name not in ("local", "ray", "slurm"):
+        problems.append(f"cluster.name={cl.name!r} is not one of local, ray, slurm")
+    if cl.name == "ray" and str(cl.address or "").startswith("ray://"):
+        problems.append(f"cluster.address={cl.address}: Ray Client cannot run ragft train (Ray Data and Ray Train "
+                        "need the driver on the cluster); run it on a cluster node (cluster.address=auto) or submit "
+                        "it as a Ray job: launch/ray/submit.sh http://<head>:8265 <overrides>")
+    if cl.name == "slurm":
+        from ragft.slurm import check
+
+        problems += check(cl)
 
     # --- tracking and resume
     if job.tracking.name not in ("none", "wandb"):
@@ -212,7 +225,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         seed=job.seed,
         resume=job.resume,
         grad_accum=t.global_batch_size // per_step,
-        precision=_resolve_precision(s.precision, cl.use_gpu and cuda),
+        precision=_resolve_precision(s.precision, cl.use_gpu and (cuda or remote_gpus), assume_bf16=remote_gpus),
         config_hash=config_hash(resolved),
         resolved_config=resolved,
     )
@@ -260,9 +273,10 @@ def _check_model(model: ModelConfig, method: MethodConfig, data: DataConfig) -> 
     return problems
 
 
-def _resolve_precision(precision: str, on_gpu: bool) -> str:
+def _resolve_precision(precision: str, on_gpu: bool, assume_bf16: bool = False) -> str:
+    """auto: bf16 on GPUs that have it (assumed for a cluster's GPUs: pre-Ampere ones need precision=fp32)."""
     if precision == "auto":
-        return "bf16" if on_gpu and _cuda_bf16() else "fp32"
+        return "bf16" if on_gpu and (assume_bf16 or _cuda_bf16()) else "fp32"
     return precision
 
 
