@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ragft demo
 
+# The Slurm tests need a local Slurm: installed (root on Debian) and started around the suite, stopped after it.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py

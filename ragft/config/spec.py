@@ -83,6 +83,7 @@ class TrainSpec:
     base_model_path: str = ""  # set by the driver: a from_pretrained folder or hub id
     tokenizer_path: str = ""
     plan: Optional[DataPlan] = None  # set by the driver after tokenization
+    report_evals: bool = False  # report every evaluation to Ray, not only checkpoints (a Tune trial's ASHA needs them)
     resolved_config: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -106,8 +106,9 @@ class Window:
 
 def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches: Batches, report,
                events: Sink | None = None) -> None:
-    """Train to `spec.plan.total_steps`. `report` goes to the cluster manager at each checkpoint;
-    `events` (rank 0 only) feeds the progress display, and defaults to printing lines."""
+    """Train to `spec.plan.total_steps`. `report` goes to the cluster manager at each checkpoint (and each
+    evaluation with `spec.report_evals`); `events` (rank 0 only) feeds the progress display, and defaults
+    to printing lines."""
     import deepspeed
 
     is_rank0 = rank == 0
@@ -157,7 +158,8 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             step += 1
             stop = stop_requested(stop_file, device)  # collective: every rank stops at the same step
             done = stop or step == plan.total_steps
-            if step % spec.train.eval_every == 0 or done:
+            evaluated = step % spec.train.eval_every == 0 or done
+            if evaluated:
                 last_eval = evaluate(engine, eval_batches, spec, device)
             metrics = {"step": step}
             if step % spec.train.log_every == 0 or done:
@@ -170,16 +172,22 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                     append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
                     tracker.log(metrics, step)
                 emit({"event": "step", **metrics})
-            if step % spec.train.save_every == 0 or done:
+            saving = step % spec.train.save_every == 0 or done
+            if saving:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
                 saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, metrics, state, is_rank0)
                 if saved is not None:
                     emit({"event": "checkpoint", "step": step, "path": str(saved.path),
                           "size_bytes": saved.size_bytes, "seconds": saved.seconds})
                     tracker.log({"checkpoint_save_s": saved.seconds}, step)
-                # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so
-                # only checkpoints go through it; the per-step lines above do not.
-                report({**metrics, "checkpoint": str(spec.checkpoints_dir / str(step))})
+            # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so only
+            # checkpoints go through it, and evaluations in a Tune trial (ASHA compares trials on them);
+            # the per-step lines above do not.
+            if saving or (evaluated and spec.report_evals):
+                reported = {**metrics, **({"eval_loss": last_eval} if last_eval is not None else {})}
+                if saving:
+                    reported["checkpoint"] = str(spec.checkpoints_dir / str(step))
+                report(reported)
             if done:
                 break
         epoch += 1

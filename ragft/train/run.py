@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft import registry
@@ -23,8 +24,9 @@ from ragft.train.tracking import WANDB_INFO
 
 
 
-def run(spec: TrainSpec) -> dict:
-    """Train, write `<out_dir>/result.json`, and return its content."""
+def run(spec: TrainSpec, callbacks: Sequence = ()) -> dict:
+    """Train, write `<out_dir>/result.json`, and return its content. `callbacks` go to Ray Train's
+    RunConfig (a Ray Tune trial passes TuneReportCallback to forward the workers' reports to Tune)."""
     started = time.perf_counter()
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,7 @@ def run(spec: TrainSpec) -> dict:
     init_ray(spec.cluster.address if spec.cluster.name != "local" else None,
              spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2)
     with stop_on_signal(stop_file):
-        result = fit(spec, pad_id=tokenizer.pad_token_id)
+        result = fit(spec, pad_id=tokenizer.pad_token_id, callbacks=callbacks)
     summary = write_result(spec, result, time.perf_counter() - started)
     print_summary(summary)
     if stop_file.exists():
@@ -133,7 +135,7 @@ def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
     return replace(spec, plan=plan)
 
 
-def fit(spec: TrainSpec, pad_id: int):
+def fit(spec: TrainSpec, pad_id: int, callbacks: Sequence = ()):
     """Run the worker loop on Ray Train; return Ray's Result."""
     import ray
     import ray.data
@@ -172,6 +174,7 @@ def fit(spec: TrainSpec, pad_id: int):
             name=spec.run_id,
             storage_path=str(Path(spec.out_dir) / "ray"),
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+            callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level="ERROR"),
             # Plain prints from the workers: Ray's print-to-logger patch echoes each line twice.
             worker_runtime_env={"env_vars": {
