@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from helpers.ray_nodes import cluster_env, two_node_ray
+from ragft import registry
 from ragft.train.checkpoint import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def test_train_on_an_existing_two_node_cluster(two_nodes, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ragft", "train", "cluster=ray", f"cluster.address={two_nodes.address}",
          "cluster.use_gpu=false", "cluster.num_workers=2", "cluster.cpus_per_worker=2", "cluster.max_failures=0",
-         "method=lora", "strategy=zero2", f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4",
+         "method=lora", "strategy=zero3", f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4",
          "train.global_batch_size=8", "train.log_every=3", "train.eval_every=3", "train.save_every=3",
          "train.eval_max_batches=2", f"out_dir={out}", f"runs_dir={tmp_path / 'runs'}",
          f"registry.path={tmp_path / 'registry.jsonl'}"],
@@ -64,6 +65,10 @@ def test_train_on_an_existing_two_node_cluster(two_nodes, tmp_path):
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["step"] == MAX_STEPS and manifest["method"] == "lora" and verify(final) == []  # sha256 sums
     assert (out / "ray").is_dir() and any((cache / "data").iterdir())
+    # the end-of-run table names the checkpoint, and the registry has it: `checkpoint=latest` finds it
+    assert any(line.split()[:2] == ["checkpoints", str(final)] for line in proc.stdout.splitlines()), proc.stdout
+    latest = registry.resolve(tmp_path / "registry.jsonl", "latest")
+    assert latest.checkpoint == str(final) and latest.step == MAX_STEPS and latest.run_id == result["run_id"]
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
