@@ -13,7 +13,6 @@ Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job faile
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from pathlib import Path
@@ -67,17 +66,12 @@ def train(cfg: DictConfig) -> None:
         from ragft.train.run import run
 
         spec = validate_train(trial_of_hydra_job(cfg))  # in a sweep: the trial's own folder and W&B group
-        if spec.cluster.name == "slurm" and not slurm.in_allocation() and not _in_submitit_job():
+        if spec.cluster.name == "slurm" and not slurm.in_allocation():
             slurm.submit(spec, list(HydraConfig.get().overrides.task))  # the allocation runs this job again
         else:
             run(spec)
 
     _guarded("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
-
-
-def _in_submitit_job() -> bool:
-    """A trial that hydra/launcher=submitit_slurm started: already a Slurm job, so it trains right here."""
-    return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")

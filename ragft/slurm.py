@@ -21,13 +21,16 @@ import time
 from pathlib import Path
 
 from ragft.config.schema import ClusterConfig
+from ragft.train.resume import override_key
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "ray_train.sbatch"
 IN_ALLOCATION = "RAGFT_SLURM_ALLOCATION"  # set by the script: run here, do not submit again
 
 
 def in_allocation() -> bool:
-    return os.environ.get(IN_ALLOCATION) == "1"
+    """Already inside a Slurm job that runs this training here: the allocation ragft's script made, or a
+    trial that hydra/launcher=submitit_slurm submitted (one node, embedded Ray)."""
+    return os.environ.get(IN_ALLOCATION) == "1" or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
 def check(cl: ClusterConfig) -> list[str]:
@@ -43,9 +46,10 @@ def check(cl: ClusterConfig) -> list[str]:
     if cl.num_workers * cl.cpus_per_worker > cl.nodes * cl.cpus_per_task:
         problems.append(f"cluster.num_workers × cluster.cpus_per_worker = {cl.num_workers} × {cl.cpus_per_worker} "
                         f"CPUs do not fit on cluster.nodes × cluster.cpus_per_task = {cl.nodes} × {cl.cpus_per_task}")
-    if time_minutes(cl.time) is None:
+    minutes = time_minutes(cl.time)
+    if minutes is None:
         problems.append(f"cluster.time={cl.time!r} is not an sbatch time (minutes, HH:MM:SS or D-HH:MM:SS)")
-    elif cl.signal_lead_s < 1 or cl.signal_lead_s >= time_minutes(cl.time) * 60:
+    elif cl.signal_lead_s < 1 or cl.signal_lead_s >= minutes * 60:
         problems.append(f"cluster.signal_lead_s={cl.signal_lead_s} must be positive and shorter than "
                         f"cluster.time={cl.time}")
     bad = [line for line in cl.sbatch_extra if not line.startswith("-")]
@@ -154,7 +158,7 @@ def submitit_overrides(args: list[str]) -> list[str]:
         "hydra.launcher.setup": "${cluster.setup}",
         "hydra.launcher.name": "ragft-${hydra.job.name}",
     }
-    given = {a.split("=", 1)[0].lstrip("+~") for a in args}
+    given = {override_key(a) for a in args}
     return [f"{key}='{value}'" if "${" in value else f"{key}={value}" for key, value in mapping.items()
             if key not in given]  # quoted: Hydra's override grammar does not parse nested interpolations
 

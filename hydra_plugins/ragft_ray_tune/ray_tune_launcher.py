@@ -151,14 +151,8 @@ class RayTuneLauncher(Launcher):
 
 def trial_labels(nums: Sequence[int], overrides: Sequence[Sequence[str]]) -> list[str]:
     """`trial <num> [the overrides that differ between trials]` (all the job's overrides when none do)."""
-    values: dict[str, set] = {}
-    for job in overrides:
-        for override in filter_overrides(job):
-            key, _, value = override.partition("=")
-            values.setdefault(key, set()).add(value)
-    varying = {key for key, seen in values.items() if len(seen) > 1}
-    labels = []
-    for num, job in zip(nums, overrides):
-        shown = [o for o in filter_overrides(job) if o.partition("=")[0] in varying] or list(filter_overrides(job))
-        labels.append(f"trial {num} [{' '.join(shown)}]")
-    return labels
+    from ragft.sweep.trial import differing
+
+    own = [list(filter_overrides(job)) for job in overrides]
+    _, others = differing(own)
+    return [f"trial {num} [{' '.join(shown or mine)}]" for num, shown, mine in zip(nums, others, own)]

@@ -81,8 +81,10 @@ def write(sweep_dir: Path, name: str, metric: str, mode: str, trials: list[dict]
 
 def markdown(summary: dict) -> str:
     """The ranking as a table of what differs between the trials; what they share is listed once above it."""
+    from ragft.sweep.trial import differing
+
     metric, trials = summary["metric"], summary["trials"]
-    common = [o for o in (trials[0]["overrides"] if trials else []) if all(o in t["overrides"] for t in trials)]
+    common, others = differing([t["overrides"] for t in trials])
     lines = [
         f"# Sweep {summary['name']}",
         "",
@@ -93,15 +95,15 @@ def markdown(summary: dict) -> str:
         f"| rank | trial | overrides | {metric} | steps | status | best checkpoint |",
         "|---|---|---|---|---|---|---|",
     ]
-    for t in trials:
+    for t, own in zip(trials, others):
         value = f"{t['value']:.4f}" if t["value"] is not None else "–"
         steps = f"{t['step']}/{t['total_steps']}" if t["total_steps"] else str(t["step"])
-        varying = " ".join(o for o in t["overrides"] if o not in common) or "(defaults)"
+        varying = " ".join(own) or "(defaults)"
         lines.append(f"| {t['rank'] or '–'} | {t['num']} | {varying} | {value} | {steps} | {t['status']} "
                      f"| {t['best_checkpoint'] or '–'} |")
     best = summary["best"]
     if best:
-        varying = " ".join(o for o in best["overrides"] if o not in common)
+        varying = " ".join(others[trials.index(best)])
         lines += ["", f"Best: trial {best['num']} ({varying}), {metric} {best['value']:.4f}; "
                       f"serve or evaluate it with `checkpoint={best['best_checkpoint']}`."]
     return "\n".join(lines) + "\n"

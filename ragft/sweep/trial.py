@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import DictConfig, open_dict
 
@@ -15,6 +16,12 @@ from omegaconf import DictConfig, open_dict
 def sweep_name(cfg: DictConfig, sweep_dir: str) -> str:
     """`sweep.name`, or the sweep folder's name (a timestamp by default)."""
     return cfg.sweep.name or Path(sweep_dir).name
+
+
+def differing(overrides: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+    """(the overrides every trial has, each trial's other overrides): what names a trial in a sweep."""
+    common = [o for o in (overrides[0] if overrides else []) if all(o in trial for trial in overrides)]
+    return common, [[o for o in trial if o not in common] for trial in overrides]
 
 
 def as_trial(cfg: DictConfig, output_dir: str, sweep_dir: str) -> DictConfig:

@@ -27,7 +27,7 @@ def expand_resume(args: list[str]) -> list[str]:
     for arg in [*previous, *args, f"out_dir={run_dir}", f"resume={run_dir}"]:
         if arg.startswith("-"):  # flags such as --cfg stay as they are, after the overrides
             continue
-        merged[_key(arg)] = arg  # the newest value of each key wins
+        merged[override_key(arg)] = arg  # the newest value of each key wins
     return list(merged.values()) + [a for a in args if a.startswith("-")]
 
 
@@ -42,9 +42,10 @@ def resolve_run_dir(value: str, runs_dir: str) -> Path:
 
 
 def _value(args: list[str], key: str) -> str | None:
-    found = [a.split("=", 1)[1] for a in args if _key(a) == key and "=" in a]
+    found = [a.split("=", 1)[1] for a in args if override_key(a) == key and "=" in a]
     return found[-1] if found else None
 
 
-def _key(arg: str) -> str:
+def override_key(arg: str) -> str:
+    """The key a command-line override sets: `+a.b=1` → `a.b`."""
     return arg.split("=", 1)[0].lstrip("+~")
