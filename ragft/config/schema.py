@@ -386,6 +386,10 @@ class RaftConfig:
     # answer of the same shape (digits, capitals, length). The reply is then only right if read from the
     # context, which is what teaches a model to follow an updated document over what it memorised.
     counterfactual_fraction: float = 0.5
+    # Of the counterfactual examples: the swapped answer is made up (new names, new digits, the same shape)
+    # instead of another question's answer. A known answer can be recalled once the context points at it; a
+    # made-up one can only be copied, and that is what a document updated to a new value asks of the model.
+    fresh_fraction: float = 0.0
     distractor_depth: int = 12  # distractors are drawn from this many retrieved non-gold chunks (hard negatives)
     # retrieved: the context is what the index returns for the question (the gold chunk where it ranks, or in
     # place of the last hit when it misses): the served distribution. random: the gold chunk at any position

@@ -8,7 +8,10 @@ question, and whose assistant turn is the reference answer. Four kinds, drawn pe
   gold            the gold chunk (a chunk of a gold document holding the answer) among k-1 distractors
   counterfactual  as gold, with the answer swapped in the chunk and in the reply for another answer of
                   the same shape: right only when read from the context, so the model learns to follow
-                  the document over what it memorised, which is what makes updated documents win
+                  the document over what it memorised, which is what makes updated documents win.
+                  A share (`raft.fresh_fraction`) swaps in a made-up value instead (`FreshValues`): one
+                  the model has never seen as an answer can only be copied, not picked among known
+                  answers, and an updated document's new value is exactly that
   distractors     k retrieved chunks, none gold: answer from memory despite a context that lacks it
 
 With `raft.gold_position=retrieved` (default) the context is what the index really returns for the
@@ -46,11 +49,12 @@ class RaftStats:
     kinds: Counter = field(default_factory=Counter)
     no_gold_span: int = 0  # questions none of whose gold chunks contains the answer: never given a gold context
     no_swap: int = 0  # counterfactual draws with no other answer of the same shape: kept as plain gold
+    fresh: int = 0  # counterfactual rows whose swapped answer is made up (FreshValues)
     index_version: int | None = None
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "kinds": dict(self.kinds), "no_gold_span": self.no_gold_span,
-                "no_swap": self.no_swap, "index_version": self.index_version}
+                "no_swap": self.no_swap, "fresh": self.fresh, "index_version": self.index_version}
 
 
 def answer_shape(text: str) -> str:
@@ -82,6 +86,7 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
     for q in questions:
         by_shape[answer_shape(q.answer)].add(q.answer)
     swaps = {shape: sorted(answers) for shape, answers in by_shape.items()}
+    fresh = FreshValues([q.answer for q in questions])
 
     rows = []
     for q, hits in zip(questions, retrieved):
@@ -95,7 +100,11 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
             if kind in ("gold", "counterfactual"):
                 gold = golds[0] if len(golds) == 1 else rng.choice(golds)
                 if kind == "counterfactual":
-                    other = _swap_answer(rng, q.answer, gold.text, swaps[answer_shape(q.answer)])
+                    # drawn only when asked for, so that fresh_fraction=0 leaves every other draw as it was
+                    made_up = raft.fresh_fraction > 0 and rng.random() < raft.fresh_fraction
+                    other = (fresh.make(rng, q.answer, gold.text) if made_up
+                             else _swap_answer(rng, q.answer, gold.text, swaps[answer_shape(q.answer)]))
+                    stats.fresh += made_up and other is not None
                     if other is None:
                         kind, stats.no_swap = "gold", stats.no_swap + 1
                     else:
@@ -133,6 +142,55 @@ def _swap_answer(rng: random.Random, answer: str, chunk_text: str, same_shape: l
     """Another answer of the same shape that the chunk does not already mention, if there is one."""
     candidates = [a for a in same_shape if a != answer and a not in chunk_text and answer not in a]
     return rng.choice(candidates) if candidates else None
+
+
+class FreshValues:
+    """Made-up answers shaped like real ones: "Krofel Yard" -> "Dravith Yard", "1773" -> "1408", "M-61" -> "M-27".
+
+    Digit runs get random digits of the same length; a word that two or more answers share ("Yard",
+    "grey", the "M" of a route code) stays, since it belongs to the answer's form; any other word (a
+    name) becomes a new word of its length and case, spelled with the letter pairs of the answers' own
+    names (a character bigram chain), so that it tokenizes like a name of the domain and is none of them.
+    """
+
+    def __init__(self, answers: Sequence[str]):
+        counts = Counter(w for a in set(answers) for w in set(re.findall(r"[A-Za-z]+", a)))
+        self.shared = {w for w, n in counts.items() if n >= 2}
+        self.known = {w.casefold() for w in counts}
+        self.next: dict[str, list[str]] = defaultdict(list)  # "^" starts a word
+        for w in sorted(counts):
+            if w not in self.shared:
+                for a, b in zip("^" + w.casefold(), w.casefold()):
+                    self.next[a].append(b)
+        self.letters = sorted({c for followers in self.next.values() for c in followers}) or list("aeiou")
+
+    def make(self, rng: random.Random, answer: str, avoid: str = "") -> str | None:
+        """A made-up value of `answer`'s shape that is neither `answer` nor in `avoid` (tried 20 times)."""
+        for _ in range(20):
+            value = re.sub(r"\d+", lambda m: self._digits(rng, m.group(0)),
+                           re.sub(r"[A-Za-z]+", lambda m: self._word(rng, m.group(0)), answer))
+            if value != answer and value not in avoid:
+                return value
+        return None
+
+    def _word(self, rng: random.Random, like: str) -> str:
+        if like in self.shared:
+            return like
+        for _ in range(20):
+            word, prev = "", "^"
+            while len(word) < len(like):
+                prev = rng.choice(self.next.get(prev) or self.letters)
+                word += prev
+            if word not in self.known:
+                break
+        if like.isupper():
+            return word.upper()
+        return word.capitalize() if like[0].isupper() else word
+
+    @staticmethod
+    def _digits(rng: random.Random, like: str) -> str:
+        first = str(rng.randint(1, 9)) if like[0] != "0" or len(like) == 1 else "0"
+        return first + "".join(str(rng.randint(0, 9)) for _ in like[1:])
 
 
 def _sample_in_order(rng: random.Random, pool: list[Hit], n: int) -> list[Hit]:

@@ -34,7 +34,7 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
         problems.append(f"qa.on_bad_row={job.qa.on_bad_row!r} must be one of {', '.join(ON_BAD_ROW)}")
     if job.index.path is None or not versions.is_index(job.index.path):
         problems.append(f"index.path={job.index.path} is not a ragft index (build it with `ragft index`)")
-    for key in ("closed_book_fraction", "gold_fraction", "counterfactual_fraction"):
+    for key in ("closed_book_fraction", "gold_fraction", "counterfactual_fraction", "fresh_fraction"):
         if not 0 <= getattr(r, key) <= 1:
             problems.append(f"raft.{key}={getattr(r, key)} must be within [0, 1]")
     for key in ("k", "copies", "distractor_depth"):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ragft.config.schema import RaftConfig, RagConfig
-from ragft.data.raft import answer_shape, build_raft, gold_chunks, write_raft
+from ragft.data.raft import FreshValues, answer_shape, build_raft, gold_chunks, write_raft
 from ragft.data.rows import parse_row
 from ragft.eval.questions import read_questions
 from ragft.index.index import Index
@@ -73,6 +75,35 @@ def test_each_kind_has_the_context_it_promises(index, questions):
         else:
             assert reply == q.answer and not any(t in user for t in gold_texts)
     assert seen == {"closed_book", "gold", "counterfactual", "distractors"}
+
+
+def test_made_up_values_keep_the_shape_and_are_no_known_answer(questions):
+    answers = [q.answer for q in questions]
+    fresh = FreshValues(answers)
+    assert {"Yard", "M", "ochre"} <= fresh.shared  # parts of an answer's form, kept
+    rng = random.Random(0)
+    for answer in answers:
+        value = fresh.make(rng, answer, avoid=f"the chunk naming {answer}")
+        assert value != answer and answer_shape(value) == answer_shape(answer)
+        names = [w for w in re.findall(r"[A-Za-z]+", value) if w not in fresh.shared]
+        assert all(w.casefold() not in fresh.known for w in names), value  # a new name, not a recalled one
+        assert value.endswith(" Yard") == answer.endswith(" Yard")
+    assert FreshValues(["1773", "625"]).make(random.Random(1), "1773") == "3914"  # pinned: keyed by the rng
+
+
+def test_fresh_fraction_swaps_in_made_up_values(index, questions):
+    raft = RaftConfig(out_path="unused", k=3, copies=2, gold_fraction=1.0, closed_book_fraction=0.0,
+                      counterfactual_fraction=1.0, fresh_fraction=0.5)
+    rows, stats = build_raft(questions[:100], index, RAG, raft, seed=0)
+    known = {q.answer for q in questions}
+    made_up = [r for r in rows if r["messages"][-1]["content"] not in known]
+    assert stats.fresh == len(made_up) and 70 <= len(made_up) <= 130  # half of 200, within ~4 sd
+    for row in made_up:
+        assert row["messages"][-1]["content"] in row["messages"][-2]["content"]  # it is in the context to copy
+    plain, _ = build_raft(questions[:100], index, RAG, RaftConfig(out_path="unused", k=3, copies=2), seed=0)
+    again, _ = build_raft(questions[:100], index, RAG, RaftConfig(out_path="unused", k=3, copies=2,
+                                                                   fresh_fraction=0.0), seed=0)
+    assert again == plain  # fresh_fraction=0 draws nothing extra: earlier RAFT files stay as they were
 
 
 def test_prompt_is_the_one_serve_and_eval_build(index, questions):
