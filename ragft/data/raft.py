@@ -86,7 +86,7 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
     for q in questions:
         by_shape[answer_shape(q.answer)].add(q.answer)
     swaps = {shape: sorted(answers) for shape, answers in by_shape.items()}
-    fresh = FreshValues([q.answer for q in questions])
+    fresh = FreshValues([q.answer for q in questions]) if raft.fresh_fraction > 0 else None
 
     rows = []
     for q, hits in zip(questions, retrieved):
@@ -101,7 +101,7 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
                 gold = golds[0] if len(golds) == 1 else rng.choice(golds)
                 if kind == "counterfactual":
                     # drawn only when asked for, so that fresh_fraction=0 leaves every other draw as it was
-                    made_up = raft.fresh_fraction > 0 and rng.random() < raft.fresh_fraction
+                    made_up = fresh is not None and rng.random() < raft.fresh_fraction
                     other = (fresh.make(rng, q.answer, gold.text) if made_up
                              else _swap_answer(rng, q.answer, gold.text, swaps[answer_shape(q.answer)]))
                     stats.fresh += made_up and other is not None
