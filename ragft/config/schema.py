@@ -305,7 +305,10 @@ class RagConfig:
     mode: Optional[str] = None  # dense | bm25 | hybrid; null: retrieval.mode
     # The last user message becomes `template` with {context} and {question}; each chunk is `chunk_template`
     # with {n} (1-based rank), {title}, {doc_id}, {text}. eval and RAFT data render prompts with the same code.
-    template: str = "Context:\n{context}\n\nQuestion: {question}"
+    # The question before the context as well as after it: a causal model then reads every chunk knowing what
+    # it is looking for (Liu et al. 2023, "Lost in the Middle", query-aware contextualization); on the demo's
+    # tiny model it is what let the answer be copied from the chunk at all. Costs the question's tokens twice.
+    template: str = "Question: {question}\nContext:\n{context}\n\nQuestion: {question}"
     chunk_template: str = "[{n}] {title}: {text}"
     chunk_separator: str = "\n"
     quote_chars: int = 160  # length of the quote a citation carries

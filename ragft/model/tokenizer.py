@@ -20,12 +20,15 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
-# Each turn is "<|role|>\n{content}<|end|>\n"; the assistant's "<|end|>" is trained on, so the
+# Each turn is "<|role|>\n {content}<|end|>\n"; the assistant's "<|end|>" is trained on, so the
 # model learns to stop. The template is prefix-stable (rendering n turns is a prefix of n+1),
-# which is what the loss mask relies on.
+# which is what the loss mask relies on. The space before the content makes a reply's first word
+# the same tokens as that word in running text: without it "1504" is 1|50|4 but " 1504" in a
+# retrieved chunk is Ġ150|4, and a name's first piece differs (Z vs ĠZ), so a value could not be
+# copied token for token from the context. Replies are generated with that space; serve strips it.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n ' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -70,6 +70,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence, which is not returned
     seed: Optional[int] = None  # same seed + same prompt -> same output, batched with others or not
+    # Drop whitespace before the first character: a chat reply (ragft's template has the model generate
+    # the space that follows the assistant header; an OpenAI reply starts with its text).
+    lstrip: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,18 @@ class IncrementalDetokenizer:
     """One completion's text as it grows token by token, cut at the first stop string.
 
     The concatenation of the pieces `push` and `finish` return equals
-    `tokenizer.decode(ids, skip_special_tokens=True)` truncated before the first stop string.
+    `tokenizer.decode(ids, skip_special_tokens=True)` truncated before the first stop string (and with
+    `lstrip`, without the whitespace it starts with).
     Each step decodes only a window that starts a few tokens back (vLLM's scheme): the tokens
     before the window's new part give the decoder its context (SentencePiece drops the leading
     space of a window's first token, byte-level BPE needs the earlier bytes of a character), and
     the new text is what the window decodes to beyond its old part.
     """
 
-    __slots__ = ("_decode", "_ids", "_prefix", "_read", "_prefix_text", "_text", "_sent", "_stops", "_scan")
+    __slots__ = ("_decode", "_ids", "_prefix", "_read", "_prefix_text", "_text", "_sent", "_stops", "_scan",
+                 "_lstrip")
 
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+    def __init__(self, tokenizer, stops: Sequence[str] = (), lstrip: bool = False):
         self._decode = tokenizer.decode
         self._ids: list[int] = []
         self._prefix = 0  # the window starts here
@@ -128,6 +133,7 @@ class IncrementalDetokenizer:
         self._stops = tuple(stops)
         # A stop string that ends in new text starts at most this far before it.
         self._scan = max(map(len, self._stops), default=1) - 1
+        self._lstrip = lstrip
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return the text that is now final, and whether a stop string ended the completion."""
@@ -160,6 +166,8 @@ class IncrementalDetokenizer:
                 end, stopped = stop_at, True
             elif not final:
                 end -= self._partial_stop()
+        if self._lstrip and (self._sent == 0 or self._text[: self._sent].isspace()):
+            self._sent = len(self._text) - len(self._text.lstrip())  # nothing but whitespace sent so far
         if end <= self._sent:
             return "", stopped
         piece, self._sent = self._text[self._sent : end], end
@@ -508,7 +516,7 @@ class TransformersEngine(Engine):
         self._check(request)
         weights, adapter = self._routes[request.model]
         limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
-        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, lstrip=request.params.lstrip)
         return _Row(index, request, weights, adapter, limit, detok, self.stop_token_ids, self.device)
 
     def _check(self, request: GenerationRequest) -> None:

@@ -27,10 +27,12 @@ import torch.distributed as dist
 from ragft.config.spec import TrainSpec
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
+from ragft.data.tokenize import IGNORE_INDEX
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
 from ragft.train.flops import flops_per_token, peak_flops_per_device
+from ragft.train.loss import causal_lm_loss
 from ragft.train.progress import Sink, printing_sink
 from ragft.train.tracking import make_tracker
 
@@ -145,7 +147,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             num_tokens = int(batch.pop("num_tokens"))
             engine.train()
-            loss = engine(**batch, use_cache=False).loss
+            loss = causal_lm_loss(engine, batch)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and engine.zero_optimization_stage() == 0:
@@ -230,8 +232,8 @@ def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             batch.pop("num_tokens")
-            labelled = int((batch["labels"][:, 1:] != -100).sum())
-            loss = engine(**batch, use_cache=False).loss
+            labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss = causal_lm_loss(engine, batch)
             total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     engine.train()

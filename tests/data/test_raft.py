@@ -64,7 +64,8 @@ def test_each_kind_has_the_context_it_promises(index, questions):
         if kind == "closed_book":
             assert user == q.question and reply == q.answer
             continue
-        assert user.startswith("Context:\n[1] ") and user.endswith(f"Question: {q.question}") and "[3] " in user
+        assert user.startswith(f"Question: {q.question}\nContext:\n[1] ") and "[3] " in user
+        assert user.endswith(f"\n\nQuestion: {q.question}")
         gold_texts = [c.text for c in gold_chunks(q, list(chunks.values()))]
         if kind == "gold":
             assert reply == q.answer and any(t in user for t in gold_texts)

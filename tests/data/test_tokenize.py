@@ -1,7 +1,7 @@
 """The loss mask: exactly the assistant replies (chat) or the completion (prompt/completion) are trained.
 
 Reference: the strings the rows hold and the tiny chat template's known turn markers
-("<|role|>\\n{content}<|end|>\\n"), compared with the decoded labelled and unlabelled tokens.
+("<|role|>\\n {content}<|end|>\\n"), compared with the decoded labelled and unlabelled tokens.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def test_chat_trains_exactly_the_assistant_turns_and_their_end_markers(tokenizer
     # A label is the token itself (the model shifts) or IGNORE_INDEX.
     assert all(label in (token, IGNORE_INDEX) for token, label in zip(enc.input_ids, enc.labels))
     assert runs(tokenizer, enc.input_ids, enc.labels, trained=True) == [
-        "The first river.<|end|>\n",
-        "A small mountain.<|end|>\n",
+        " The first river.<|end|>\n",  # the space that follows the header is the reply's first token's
+        " A small mountain.<|end|>\n",
     ]
     # Everything else, system and user text and the assistant headers, has no loss.
     assert runs(tokenizer, enc.input_ids, enc.labels, trained=False) == [
-        "<|system|>\nBe brief.<|end|>\n<|user|>\nThe river city?<|end|>\n<|assistant|>\n",
-        "<|user|>\nAnd the mountain?<|end|>\n<|assistant|>\n",
+        "<|system|>\n Be brief.<|end|>\n<|user|>\n The river city?<|end|>\n<|assistant|>\n",
+        "<|user|>\n And the mountain?<|end|>\n<|assistant|>\n",
     ]
     assert tokenizer.decode(enc.input_ids) == tokenizer.apply_chat_template(list(MESSAGES), tokenize=False)
     assert enc.origin == "chat.jsonl:7"

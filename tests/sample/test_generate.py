@@ -158,7 +158,7 @@ def test_reading_practice_rows_are_answerable_only_from_their_context():
         parse_row(row, f"reading:{i}")
         user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         context, question = user.split("\n\nQuestion: ")
-        assert context.startswith("Context:\n[1] ") and "[3] " in context
+        assert context.startswith(f"Question: {question}\nContext:\n[1] ") and "[3] " in context
         assert answer in context  # copyable ...
         names = [n for n in re.findall(r"\] (\w+) \(", context) if re.search(rf"\b{n}\b", question)]
         assert len(names) == 1 and names[0] not in handbook  # ... and about a ferry training never saw

@@ -371,13 +371,16 @@ def test_detokenizer_pieces_add_up_to_the_decode(engine, stops):
     assert not any("\ufffd" in p for p in pieces), "half a character was sent"
 
 
-def test_detokenizer_on_random_tokens_matches_decode(engine):
-    """Random ids (byte tokens, special tokens, broken UTF-8) against one decode of the whole sequence."""
+@pytest.mark.parametrize("lstrip", [False, True])
+def test_detokenizer_on_random_tokens_matches_decode(engine, lstrip):
+    """Random ids (byte tokens, special tokens, broken UTF-8), some after whitespace tokens, against one
+    decode of the whole sequence (without its leading whitespace under `lstrip`, as chat replies are sent)."""
     tok, rng = engine.tokenizer, random.Random(0)
-    for _ in range(30):
-        ids = [rng.randrange(len(tok)) for _ in range(40)]
+    spaces = list(encode(engine, " \n  "))
+    for i in range(30):
+        ids = spaces[: i % 4] + [rng.randrange(len(tok)) for _ in range(40)]
         stops = tuple(rng.sample(["e", "an", "\ufffd", "the", "ae", "ferry"], 2))
-        stream = IncrementalDetokenizer(tok, stops)
+        stream = IncrementalDetokenizer(tok, stops, lstrip=lstrip)
         text, stopped = "", False
         for token in ids:
             piece, stopped = stream.push(token)
@@ -388,7 +391,8 @@ def test_detokenizer_on_random_tokens_matches_decode(engine):
             text += stream.finish()[0]
         full = tok.decode(ids, skip_special_tokens=True)
         found = [full.find(s) for s in stops if s in full]
-        assert text == (full[: min(found)] if found else full)
+        expected = full[: min(found)] if found else full
+        assert text == (expected.lstrip() if lstrip else expected)
 
 
 def _drain(batch, into: dict[str, Result]) -> None:
