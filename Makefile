@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py
+	HF_HUB_OFFLINE=1 $(PY) launch/bench_loss.py
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_serve.py
 
 clean:

@@ -18,7 +18,7 @@ from ragft import registry
 
 pytestmark = pytest.mark.ray
 
-DOCS, EPOCHS = 24, 10  # make demo: 80 ferries, 10 epochs (README); a smaller handbook fits the suite's time
+DOCS, EPOCHS = 24, 6  # make demo: 80 ferries, 4 epochs (README); a smaller handbook fits the suite's time
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,24 @@ def test_fine_tuning_memorises_the_handbook(demo):
         open(report).read()
 
 
-@pytest.mark.xfail(strict=True, reason="copying from the context does not emerge in a 2-layer model trained from "
-                   "scratch in the minutes a CPU demo has (issue 6 note); strict: a pass here must update the pins")
 def test_with_retrieval_answers_follow_the_updated_documents(demo):
     _, _, summary = demo
     changed = summary["evals"]["updated"]["metrics"]["changed"]
-    assert changed["ft_rag"]["exact_match"] > changed["ft"]["exact_match"] + MARGIN
+    # the fine-tuned model alone cannot know a value written after training; with retrieval it copies it
+    assert changed["ft"]["exact_match"] == 0
+    assert changed["ft_rag"]["exact_match"] >= PINNED["ft_rag_changed_em"] - ONE_CHANGED
+    # and what it answered from memory before the update is gone once the updated chunk is in the prompt
+    assert changed["ft_rag"]["stale"] <= changed["ft"]["stale"] - 0.5
+    report = open(summary["evals"]["updated"]["report"]).read()
+    assert (f"with retrieval, answers follow the updated documents: ft_rag {changed['ft_rag']['exact_match']:.3f} "
+            f"vs ft 0.000 exact match on changed facts") in report
 
 
-# Measured with DOCS, EPOCHS above (2026-11-24, 2 cores, 224 s): 25 unchanged and 10 changed questions,
-# so one question is 0.04 / 0.10; the margin allows a question or two of drift in float summation order.
+# Measured with DOCS, EPOCHS above (2026-11-25, 2 cores, 227 s): 25 unchanged and 13 changed questions (one
+# is 0.04 / 0.077); the margins allow a question or two of drift in float summation order.
 MARGIN = 0.15
-PINNED = {"ft_unchanged_em": 0.52, "ft_changed_stale": 0.60}
+ONE_CHANGED = 0.08
+PINNED = {"ft_unchanged_em": 0.80, "ft_changed_stale": 0.80, "ft_rag_changed_em": 0.23}
 
 
 def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
