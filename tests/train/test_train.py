@@ -107,4 +107,4 @@ def test_zero3_lora_adapter_equals_gathered_weights(ray_cluster, compose_train):
 
 
 
-PINNED_LORA_ZERO2 = [7.433739, 7.423734]  # mean loss of steps 1-2 and 3-4; identical across runs
+PINNED_LORA_ZERO2 = [7.426256, 7.396519]  # mean loss of steps 1-2 and 3-4; identical across runs (moved by c27a04d's chat template)
