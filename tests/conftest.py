@@ -58,9 +58,11 @@ def ray_cluster():
     """The embedded local Ray, started once and shared by all tests that train."""
     import ray
 
+    from ragft.cluster import EMBEDDED_RAY_ENV
     from ragft.serve.run import serve_env
 
-    for key, value in serve_env(haproxy=True).items():  # as `ragft serve` starts its embedded Ray
+    # as `ragft train` and `ragft serve` start their embedded Ray
+    for key, value in {**EMBEDDED_RAY_ENV, **serve_env(haproxy=True)}.items():
         os.environ.setdefault(key, value)
     ray.init(num_cpus=4, configure_logging=False, log_to_driver=True)
     yield

@@ -133,8 +133,9 @@ def test_preempted_job_requeues_and_resumes(slurm_env, tmp_path, cache_dir):
 @pytest.mark.ray
 @pytest.mark.deepspeed
 def test_submitit_sweep_runs_each_trial_as_a_slurm_job(slurm_env, tmp_path, cache_dir):
-    """`ragft train -m hydra/launcher=submitit_slurm`: 2×2 trials, each a Slurm job with its sbatch options
-    from the cluster group, one W&B group, ranked in sweep.json / sweep.md, best checkpoints registered."""
+    """`ragft train -m hydra/launcher=submitit_slurm`: 2 trials, each a Slurm job with its sbatch options
+    from the cluster group, one W&B group, ranked in sweep.json / sweep.md, best checkpoints registered.
+    (A 2×2 grid, ASHA and what-differs columns: tests/sweep/test_tune_launcher.py; 4 trials here took 123 s, 2 take 48 s.)"""
     from helpers.wandb_offline import records
     from ragft import registry
 
@@ -144,21 +145,21 @@ def test_submitit_sweep_runs_each_trial_as_a_slurm_job(slurm_env, tmp_path, cach
         [sys.executable, "-m", "ragft", "train", "-m", "hydra/launcher=submitit_slurm", *CPU_SLURM,
          "cluster.num_workers=1", "cluster.cpus_per_task=2", "cluster.time=10", "train.max_steps=6",
          "train.eval_every=3", "train.save_every=6", "train.log_every=3", "train.global_batch_size=8",
-         "data.max_seq_len=128", "tracking=wandb", "tracking.mode=offline", "train.lr=3e-3,1e-5", "method.r=4,8",
+         "data.max_seq_len=128", "tracking=wandb", "tracking.mode=offline", "train.lr=3e-3,1e-5",
          f"hydra.sweep.dir={sweep}", f"registry.path={tmp_path / 'registry.jsonl'}"],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((sweep / "sweep.json").read_text())
     trials = summary["trials"]
-    assert len(trials) == 4 and all(t["status"] == "completed" and t["step"] == 6 for t in trials)
+    assert len(trials) == 2 and all(t["status"] == "completed" and t["step"] == 6 for t in trials)
     values = [t["value"] for t in trials]
-    assert values == sorted(values) and [t["rank"] for t in trials] == [1, 2, 3, 4]
-    assert all("train.lr=0.003" in t["overrides"] for t in trials[:2])  # 300× the lr learns more in 6 steps
+    assert values == sorted(values) and [t["rank"] for t in trials] == [1, 2]
+    assert "train.lr=0.003" in trials[0]["overrides"]  # 300× the lr learns more in 6 steps
     assert summary["name"] == "sweep" and summary["best"]["num"] == trials[0]["num"]
     table = (sweep / "sweep.md").read_text()
     assert all(f"| {t['rank']} | {t['num']} |" in table for t in trials)
     # each trial was a Slurm job: submitit's folder holds one log per array task
-    assert len(list((sweep / ".submitit").glob("*_[0-3]/*_log.out"))) == 4
+    assert len(list((sweep / ".submitit").glob("*_[0-1]/*_log.out"))) == 2
     for t in trials:
         run_file = next(Path(t["out_dir"]).glob("wandb/offline-run-*/*.wandb"))
         run = next(r.run for r in records(run_file) if r.WhichOneof("record_type") == "run")
