@@ -17,12 +17,17 @@ chunk ids, so removing a document is `remove_ids` of its chunks' ids.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ragft.config.schema import IndexConfig
+
+# FAISS's loader logs at INFO each SIMD build it tries and lacks, tracebacks included ("No module named
+# 'faiss.swigfaiss_avx512'"): under Hydra's INFO logging that read like an error in every command's output.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # IVF below this many vectors per list trains poorly (FAISS warns under 39 training points per centroid).

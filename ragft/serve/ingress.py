@@ -283,7 +283,8 @@ class Ingress:
         jobs = [GenerationRequest(
             request_id=f"{rec.id}-{j}", model=model, prompt_ids=tuple(ids), deadline=deadline,
             params=SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
-                                  seed=None if req.seed is None else req.seed + j, lstrip=kind == "chat")) for j in range(req.n)]
+                                  seed=None if req.seed is None else req.seed + j, lstrip=kind == "chat"))
+            for j in range(req.n)]
         rec.prompt_tokens, rec.citations = len(ids), len(hits)
         extra = {"citations": [c.to_json() for c in citations(hits, version, self.s.rag.quote_chars)]
                  if version is not None else [], "index_version": version}
