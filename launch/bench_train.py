@@ -5,7 +5,9 @@ size, micro/global batch, LoRA settings and steps, on CPU with gloo. ragft runs 
 `ragft train` does (Ray Train workers, Ray Data shards, metrics, eval, checkpoints);
 the baseline is `torch.multiprocessing` + `deepspeed.initialize` + a for loop over
 pre-sharded tensors, nothing else. Throughput counts non-pad tokens over the steps
-after the first `--warmup` ones. Prints both figures and ragft / bare.
+after the first `--warmup` ones; memory is rank 0's peak (accelerator memory, or resident
+memory on CPU: there it includes each side's imports, Ray's worker runtime for ragft).
+Prints both figures and ragft / bare.
 
     python launch/bench_train.py [--steps 40] [--workers 2] [--strategy zero2] [--method lora]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -59,7 +62,8 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
         "train_path": json.loads((out_dir / "spec.json").read_text())["plan"]["train_path"],
         "rows": result["data"]["train_rows"],
     }
-    return {"tokens_per_s": tokens_per_s, "windows": len(steady)}, facts
+    mem_gb = max(w["mem_gb"] for w in windows)  # rank 0's, as ragft logs it
+    return {"tokens_per_s": tokens_per_s, "mem_gb": mem_gb, "windows": len(steady)}, facts
 
 
 def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, queue) -> None:
@@ -121,8 +125,10 @@ def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, que
     seconds = time.perf_counter() - started
     total = torch.tensor([tokens], dtype=torch.float64)
     dist.all_reduce(total)
-    if rank == 0:
-        queue.put({"tokens_per_s": total.item() / seconds})
+    if rank == 0:  # peak memory measured as ragft's loop measures it (ragft.train.loop._peak_memory_gb)
+        mem_gb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        queue.put({"tokens_per_s": total.item() / seconds, "mem_gb": mem_gb})
     dist.destroy_process_group()
 
 
@@ -156,24 +162,24 @@ def main() -> None:
 
     import ray
 
-    ragft_rates, bare_rates = [], []
+    ragft_runs, bare_runs = [], []
     for repeat in range(args.repeats):
         out_dir = Path(tempfile.mkdtemp(prefix="ragft-bench-"))
         ragft, facts = ragft_run(args, out_dir / "run")
         ray.shutdown()  # free the cores for the baseline
-        ragft_rates.append(ragft["tokens_per_s"])
-        bare_rates.append(bare_run(args, facts)["tokens_per_s"])
-        print(f"pair {repeat + 1}: ragft {ragft_rates[-1]:,.0f} tokens/s, bare {bare_rates[-1]:,.0f} tokens/s",
-              flush=True)
-    ragft = {"tokens_per_s": statistics.median(ragft_rates)}
-    bare = {"tokens_per_s": statistics.median(bare_rates)}
+        ragft_runs.append(ragft)
+        bare_runs.append(bare_run(args, facts))
+        print(f"pair {repeat + 1}: ragft {ragft['tokens_per_s']:,.0f} tokens/s {ragft['mem_gb']:.2f} GiB, "
+              f"bare {bare_runs[-1]['tokens_per_s']:,.0f} tokens/s {bare_runs[-1]['mem_gb']:.2f} GiB", flush=True)
+    ragft, bare = ({key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "mem_gb")}
+                   for runs in (ragft_runs, bare_runs))
     ratio = ragft["tokens_per_s"] / bare["tokens_per_s"]
     print(f"\nbench_train: {args.method} {args.strategy}, {args.workers} workers, {args.steps} steps "
           f"(first {args.warmup} excluded), micro batch {args.micro}, accumulation {args.accum}, "
           f"median of {args.repeats} alternating pairs")
-    print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s")
-    print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s")
-    print(f"  ratio ragft/bare: {ratio:.3f}")
+    print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s, peak memory {bare['mem_gb']:.2f} GiB (rank 0)")
+    print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s, peak memory {ragft['mem_gb']:.2f} GiB (rank 0)")
+    print(f"  ratio ragft/bare: {ratio:.3f} throughput, {ragft['mem_gb'] / bare['mem_gb']:.3f} peak memory")
 
 
 if __name__ == "__main__":
