@@ -216,7 +216,7 @@ class Throughput:
         self.peak_total = peak_per_device * world_size if peak_per_device else None
 
     def __call__(self, tokens_per_s: float) -> dict:
-        figures = {"model_tflops": self.flops_per_token * tokens_per_s / 1e12, "mem_gb": _peak_memory_gb()}
+        figures = {"model_tflops": self.flops_per_token * tokens_per_s / 1e12, "mem_gb": peak_memory_gb()}
         if self.peak_total:
             figures["mfu"] = self.flops_per_token * tokens_per_s / self.peak_total
         return figures
@@ -290,7 +290,7 @@ def _grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _peak_memory_gb() -> float:
+def peak_memory_gb() -> float:
     """Peak accelerator memory of this process, or its peak resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
