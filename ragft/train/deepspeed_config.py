@@ -52,7 +52,7 @@ def render(spec: TrainSpec) -> dict:
         "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": s.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": spec.precision == "bf16"},
+        "bf16": {"enabled": spec.precision == "bf16" and on_gpu},  # CPU bf16 is autocast in the loop
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": on_gpu,

@@ -118,7 +118,8 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     seed_everything(spec.seed)
 
     tokenizer = load_tokenizer(spec.tokenizer_path)
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    # bf16 weights on GPUs (DeepSpeed keeps fp32 master copies); on CPUs fp32 weights under bf16 autocast
+    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.cluster.use_gpu else torch.float32
     model = load_model(spec.base_model_path, spec.model, spec.method, dtype, use_cuda=spec.cluster.use_gpu)
     throughput = Throughput(flops_per_token(model, spec.is_adapter),
                             peak_flops_per_device(spec.cluster.peak_tflops, spec.cluster.use_gpu), spec.world_size)
@@ -147,7 +148,8 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             num_tokens = int(batch.pop("num_tokens"))
             engine.train()
-            loss = causal_lm_loss(engine, batch)
+            with cpu_autocast(spec):
+                loss = causal_lm_loss(engine, batch)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and engine.zero_optimization_stage() == 0:
@@ -201,6 +203,12 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
         tracker.finish()
 
 
+def cpu_autocast(spec: TrainSpec):
+    """bf16 autocast for the forward pass of a CPU run in bf16; a no-op otherwise. Gradients and the
+    optimizer stay fp32, so gloo, which reduces them, never sees bf16."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.precision == "bf16" and not spec.cluster.use_gpu)
+
+
 def stop_requested(stop_file: Path, device) -> bool:
     """True on every rank once any rank sees the driver's stop file (Ctrl-C / SIGTERM on the driver)."""
     flag = torch.tensor([1.0 if stop_file.exists() else 0.0], device=device)
@@ -233,7 +241,8 @@ def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
             batch = {k: v.to(device) for k, v in batch.items()}
             batch.pop("num_tokens")
             labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            loss = causal_lm_loss(engine, batch)
+            with cpu_autocast(spec):
+                loss = causal_lm_loss(engine, batch)
             total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     engine.train()

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from ragft.config.spec import ConfigError, validate_train
+from ragft.model.precision import cpu_has_bf16
 
 GROUPS = {
+    "model": ["tiny", "smollm2"],  # smollm2: the GGUF converted once into the suite's cache
     "method": ["full", "lora"],
     "strategy": ["ddp", "zero1", "zero2", "zero3", "zero3_offload"],
     "data": ["sample"],
@@ -28,7 +30,7 @@ def test_derived_values(compose_train):
     spec = validate_train(compose_train("train.global_batch_size=32", "train.micro_batch_size=4",
                                         "cluster.num_workers=2"))
     assert spec.grad_accum == 4
-    assert spec.precision == "fp32"  # no GPU here
+    assert spec.precision == ("bf16" if cpu_has_bf16() else "fp32")  # no GPU here: the CPU decides
     assert spec.out_dir.startswith("/")
     with pytest.raises(Exception):  # frozen
         spec.seed = 3
@@ -100,3 +102,11 @@ def test_cli_cfg_job_prints_resolved_config(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr
     assert "zero_stage: 3" in proc.stdout
     assert "train.jsonl" in proc.stdout  # the sample path resolved to a real file
+
+
+def test_bf16_on_cpu_is_accepted_and_auto_follows_the_cpu(compose_train):
+    # CPU bf16 is autocast over fp32 weights: allowed on any CPU, chosen by auto only where it is native
+    assert validate_train(compose_train("strategy.precision=bf16")).precision == "bf16"
+    assert validate_train(compose_train("strategy.precision=fp32")).precision == "fp32"
+    with pytest.raises(ConfigError, match="GPU with bf16"):
+        validate_train(compose_train("strategy.precision=bf16", "cluster.use_gpu=true"))

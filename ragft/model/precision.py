@@ -1,0 +1,36 @@
+"""Which float type a device computes fastest in: the one rule behind every `auto` precision and dtype.
+
+bf16 where the hardware has it: CUDA GPUs from Ampere on, and CPUs with native bf16 matmuls (Intel
+AMX or AVX-512 BF16; oneDNN emulates bf16 elsewhere, slower than fp32). Training, eval and serving
+all resolve `auto` here, so a checkpoint is scored and served in the precision it was trained in.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (Linux /proc/cpuinfo flags; False where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def cuda_has_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def auto_dtype(device: str) -> torch.dtype:
+    """The dtype `auto` means on `device` ("cpu", "cuda" or "cuda:N")."""
+    fast = cuda_has_bf16() if str(device).startswith("cuda") else cpu_has_bf16()
+    return torch.bfloat16 if fast else torch.float32
