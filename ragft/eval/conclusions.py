@@ -131,8 +131,8 @@ def _style(table: dict, facts: str) -> list[str]:
 def _updated_value(system: str, row: dict) -> str:
     if not _in_sentences(row):
         stale = "" if _rate(row, "stale") is None else (
-            f" and the value from before the update (stale {row['stale']:.3f})")
-        return f"changed facts: {system} answers the updated value (exact match {row['exact_match']:.3f}){stale}"
+            f", the value from before the update {row['stale']:.3f} (stale)")
+        return f"changed facts: {system} answers the updated value {row['exact_match']:.3f} (exact match){stale}"
     # stale is an exact match with the old answer: a reply in sentences is never counted stale
     stale = "" if _rate(row, "stale") is None else f"; stale {row['stale']:.3f} counts exact answers only"
     return (f"changed facts: {system} finds the updated value (contains {row['contains']:.3f}) but not in the "

@@ -50,14 +50,14 @@ def test_tiny_model_is_judged_on_exact_match():
         "base_rag, reference perplexity 2100.0 vs 2157.0 is within 10%",
         "unchanged facts: ft_rag beats ft (exact match 0.512 vs 0.488); "
         "reference perplexity 2.10 vs 2.00 is within 10%",
-        "changed facts: base answers the updated value (exact match 0.000) and the value from before the update "
-        "(stale 0.000)",
-        "changed facts: base_rag answers the updated value (exact match 0.000) and the value from before the update "
-        "(stale 0.000)",
-        "changed facts: ft answers the updated value (exact match 0.000) and the value from before the update "
-        "(stale 0.267)",
-        "changed facts: ft_rag answers the updated value (exact match 0.200) and the value from before the update "
-        "(stale 0.000)",
+        "changed facts: base answers the updated value 0.000 (exact match), the value from before the update "
+        "0.000 (stale)",
+        "changed facts: base_rag answers the updated value 0.000 (exact match), the value from before the update "
+        "0.000 (stale)",
+        "changed facts: ft answers the updated value 0.000 (exact match), the value from before the update "
+        "0.267 (stale)",
+        "changed facts: ft_rag answers the updated value 0.200 (exact match), the value from before the update "
+        "0.000 (stale)",
         "with retrieval, answers follow the updated documents: ft_rag 0.200 vs ft 0.000 exact match on changed facts; "
         "reference perplexity 6.00 vs 40.00 favours ft_rag",
         "with retrieval, answers do not follow the updated documents: base_rag 0.000 vs base 0.000 exact match on "
@@ -87,14 +87,14 @@ def test_a_base_that_answers_in_sentences_is_judged_on_contains():
         "(exact match 0.050)",
         "unchanged facts: fine-tuning learns the answer style: ft_rag exact match 0.850 vs base_rag 0.050 "
         "(contains 0.900 vs 0.550)",
-        "changed facts: base answers the updated value (exact match 0.000) and the value from before the update "
-        "(stale 0.000)",
+        "changed facts: base answers the updated value 0.000 (exact match), the value from before the update "
+        "0.000 (stale)",
         "changed facts: base_rag finds the updated value (contains 0.300) but not in the reference's short form "
         "(exact match 0.000); stale 0.000 counts exact answers only",
-        "changed facts: ft answers the updated value (exact match 0.000) and the value from before the update "
-        "(stale 0.500)",
-        "changed facts: ft_rag answers the updated value (exact match 0.600) and the value from before the update "
-        "(stale 0.000)",
+        "changed facts: ft answers the updated value 0.000 (exact match), the value from before the update "
+        "0.500 (stale)",
+        "changed facts: ft_rag answers the updated value 0.600 (exact match), the value from before the update "
+        "0.000 (stale)",
         "with retrieval, answers follow the updated documents: ft_rag 0.600 vs ft 0.000 exact match on changed facts; "
         "reference perplexity 3.00 vs 40.00 favours ft_rag",
         # the exact-match tie that used to read "do not follow" is shown beside the headline
