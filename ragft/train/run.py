@@ -119,6 +119,12 @@ def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
             f"the training data gives {data.num_train_rows} rows, fewer than one optimizer step needs "
             f"(train.global_batch_size={t.global_batch_size}); lower the batch size or add data"
         ])
+    if 0 < data.num_eval_rows < spec.world_size:
+        # Ray splits the eval rows equally over the workers: fewer rows than workers leaves every shard empty
+        raise ConfigError([
+            f"the eval data gives {data.num_eval_rows} packed rows for {spec.world_size} workers, so no worker "
+            f"would get one; raise data.eval_fraction (now {spec.data.eval_fraction}) or give data.eval_path"
+        ])
     total = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     plan = DataPlan(
         train_path=str(data.train_path),

@@ -1,0 +1,24 @@
+"""The driver's preparation before any worker starts (ragft.train.run.prepare_model / prepare_data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ragft.config.spec import ConfigError, validate_train
+from ragft.sample import sample_path
+from ragft.train.run import prepare_data, prepare_model
+
+
+def test_fewer_eval_rows_than_workers_is_a_config_error(compose_train, tmp_path):
+    """Ray splits eval rows equally over the workers: with fewer rows than workers every shard would be empty
+    and the eval loss NaN, so the run is refused before the workers start."""
+    rows = Path(sample_path("train.jsonl")).read_text().splitlines()[:20]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    spec = validate_train(compose_train("data=jsonl", f"data.train_path={tmp_path / 'train.jsonl'}",
+                                        "data.packing=false", "data.eval_fraction=0.05", "cluster.num_workers=2",
+                                        "train.micro_batch_size=1", "train.global_batch_size=2"))
+    spec, tokenizer = prepare_model(spec)
+    with pytest.raises(ConfigError, match="no worker would get one; raise data.eval_fraction"):
+        prepare_data(spec, tokenizer)
