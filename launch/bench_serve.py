@@ -9,8 +9,13 @@ without dynamic batching, both apps measured in the same run.
    next request when the last one returns; retrieval off, so this is generation), for the same
    app with `serve.batch.enabled=true` and `false` (batches of one, the same code path), and the
    ratio on / off.
+3. With --engine: the engine alone (no Ray, no HTTP) on RAG prompts as `ragft serve` renders them (a sample
+   question and two documents, ~300 tokens on SmolLM2's tokenizer), closed loop: tokens/s to answer
+   --total requests at each concurrency (wall and per CPU-second), time to first token, and the longest
+   pause inside a stream (a prefill stall).
 
-    python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy]
+    python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy] [--model DIR]
+    python launch/bench_serve.py --engine --model DIR --concurrency 8 32 --max-tokens 16 [--total 64]
 """
 
 from __future__ import annotations
@@ -119,6 +124,96 @@ def throughput(url: str, concurrency: int, seconds: float, max_tokens: int) -> f
     return counted / elapsed
 
 
+def rag_prompts(tokenizer) -> list[list[int]]:
+    """One chat prompt per sample question, with retrieval's shape: the document that answers it and the next."""
+    import json
+
+    from ragft.config.schema import RagConfig
+    from ragft.index.index import Hit
+    from ragft.rag import prompt_ids
+    from ragft.sample import sample_path
+
+    docs = [json.loads(line) for line in Path(sample_path("corpus.jsonl")).read_text().splitlines()]
+    at = {d["id"]: i for i, d in enumerate(docs)}
+    prompts = []
+    for line in Path(sample_path("qa.jsonl")).read_text().splitlines():
+        q = json.loads(line)
+        i = at[q["doc_ids"][0]]
+        hits = [Hit(d["id"], f"{d['id']}#0", d["text"], 1.0, 0, len(d["text"]), d["title"])
+                for d in (docs[i], docs[(i + 1) % len(docs)])]
+        prompts.append(prompt_ids(tokenizer, [{"role": "user", "content": q["question"]}], hits, RagConfig()))
+    return prompts
+
+
+def engine_throughput(engine, prompts: list[list[int]], concurrency: int, total: int, max_tokens: int) -> dict:
+    """`concurrency` closed-loop clients on one RunningBatch, each sending its next request the step its last
+    one ends, until `total` requests are answered (greedy). Besides tokens/s (wall and per CPU-second, which a
+    shared machine disturbs less): time to first token and the longest pause between two pieces of a stream."""
+    from ragft.serve.engine import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    batch, tokens, sent_at, last, ttft, pauses = engine.open_batch(), 0, [], {}, [], []
+
+    def send() -> None:
+        n = len(sent_at)
+        batch.add(n, GenerationRequest(f"r{n}", engine.models[0], tuple(prompts[n % len(prompts)]), params))
+        sent_at.append(time.perf_counter())
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(min(concurrency, total)):
+        send()
+    while batch.busy:
+        out = batch.step()
+        now = time.perf_counter()
+        for key, delta in out.items():
+            if key in last:
+                pauses.append(now - last[key])
+            else:
+                ttft.append(now - sent_at[key])
+            last[key] = now
+            if delta.finish_reason is not None:
+                tokens += delta.completion_tokens
+                if len(sent_at) < total:
+                    send()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    ttft.sort()
+    pauses.sort()
+    return {"tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu, "tokens": tokens, "seconds": elapsed,
+            "ttft_p50_s": _pct(ttft, 50), "ttft_max_s": _pct(ttft, 100), "pause_p50_s": _pct(pauses, 50),
+            "pause_max_s": _pct(pauses, 100)}
+
+
+def bench_engine(args) -> None:
+    import torch
+
+    import ragft.serve.engine
+    from ragft.serve.engine import TransformersEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # 1 on a shared machine: torch's threads wait for each other
+    if args.dtype == "auto":
+        from ragft.model.precision import auto_dtype
+
+        dtype = auto_dtype("cpu")
+    else:
+        dtype = getattr(torch, args.dtype)
+    budget = {} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens or None}
+    engine = TransformersEngine(args.model, device="cpu", dtype=dtype, **budget)
+    prompts = rag_prompts(engine.tokenizer)
+    lengths = sorted(map(len, prompts))
+    print(f"engine {ragft.serve.engine.__file__} (prefill budget {getattr(engine, 'max_prefill_tokens', None)}), "
+          f"{args.model}, {dtype}, {torch.get_num_threads()} threads; prompts "
+          f"{lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), max_tokens={args.max_tokens}",
+          flush=True)
+    engine_throughput(engine, prompts, 2, 2, 2)  # warm-up: lazy imports and allocator growth
+    for c in args.concurrency:
+        r = engine_throughput(engine, prompts, c, args.total, args.max_tokens)
+        print(f"concurrency {c:>2}: {r['tokens_per_s']:6.2f} tokens/s, {r['tokens_per_cpu_s']:6.2f} per CPU-second "
+              f"({r['tokens']} tokens, {args.total} requests, {r['seconds']:.1f} s); first token p50 "
+              f"{r['ttft_p50_s']:.1f} s, max {r['ttft_max_s']:.1f} s; pause in a stream p50 {r['pause_p50_s']:.2f} s, "
+              f"max {r['pause_max_s']:.1f} s", flush=True)
+
+
 def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -134,7 +229,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--python-proxy", action="store_true", help="Ray Serve's Python proxy instead of HAProxy")
+    parser.add_argument("--model", default=None, help="a model folder to serve instead of the tiny random model")
+    parser.add_argument("--engine", action="store_true", help="the engine alone on RAG prompts (needs --model)")
+    parser.add_argument("--total", type=int, default=64, help="--engine: requests answered per concurrency")
+    parser.add_argument("--dtype", default="auto", help="--engine: auto | float32 | bfloat16")
+    parser.add_argument("--threads", type=int, default=0, help="--engine: torch threads (0: torch's default)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="--engine: the engine's prefill budget "
+                        "per step (default: the engine's; 0: none, every waiting request joins at once)")
     args = parser.parse_args()
+    if args.engine:
+        if args.model is None:
+            parser.error("--engine needs --model")
+        bench_engine(args)
+        return
 
     import ray
     from ray import serve
@@ -143,6 +250,7 @@ def main() -> None:
 
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-serve-"))
     base, index = prepare(root)
+    base = Path(args.model) if args.model else base
     for key, value in serve_env(haproxy=not args.python_proxy).items():  # as `ragft serve` starts Ray
         os.environ.setdefault(key, value)
     ray.init(configure_logging=False, log_to_driver=False)
@@ -168,7 +276,7 @@ def main() -> None:
           f"p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms  (goal: p50 <= 15 ms)")
     print(f"  end-to-end p50 {o['e2e_p50_ms']:.1f} ms = retrieval p50 {o['retrieval_p50_ms']:.1f} ms + "
           f"generation p50 {o['generation_p50_ms']:.1f} ms (8 tokens) + overhead")
-    print(f"\ngenerated tokens/s, tiny model, max_tokens={args.max_tokens}, retrieval off:")
+    print(f"\ngenerated tokens/s, {args.model or 'tiny model'}, max_tokens={args.max_tokens}, retrieval off:")
     print(f"  {'concurrency':>11} {'batching on':>12} {'batching off':>13} {'ratio':>7}")
     for c in args.concurrency:
         on, off = results[True][c], results[False][c]

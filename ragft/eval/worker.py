@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ragft.model.precision import auto_dtype
 from ragft.serve.engine import GenerationRequest, SamplingParams, TransformersEngine
 
 
@@ -47,9 +48,8 @@ class EvalWorker:
             torch.set_num_threads(threads)  # one actor per core: torch's default would oversubscribe them
         adapters = {"ft": ft_path} if ft_kind == "lora" else {}
         full = {"ft": ft_path} if ft_kind != "lora" else {}
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.engine = TransformersEngine(base_path, base_name="base", adapters=adapters, full_models=full,
-                                         device=device, dtype=dtype)
+                                         device=device, dtype=auto_dtype(device))
         self.max_tokens = max_tokens
 
     def run(self, items: Sequence[Item]) -> list[Answer]:

@@ -8,7 +8,8 @@ which is how the ingress makes the answer after a live update cite the new text.
 
 Generator runs the engine with continuous batching: requests that arrive together are
 grouped by `serve.batch` (max_batch_size, batch_wait_timeout_s) and join the running batch at
-the next decode step, so no request waits for another to finish. (serve.batch alone forms a
+the next decode step (a burst over the next few, within the engine's prefill budget per step), so
+no request waits for another to finish. (serve.batch alone forms a
 batch from the requests that arrive within its timeout and runs it to the end: under a closed
 loop the arrivals spread out and every batch ends up holding one request.) `complete` returns
 the final text, `stream` yields each piece.
@@ -30,6 +31,7 @@ from ragft.index.documents import Document
 from ragft.index.index import Index
 from ragft.index.spec import IndexSpec
 from ragft.index.update import update_index
+from ragft.model.precision import auto_dtype
 from ragft.serve.engine import GenerationRequest, TransformersEngine
 
 log = logging.getLogger("ray.serve")
@@ -141,8 +143,8 @@ class Generator:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
-        """Requests that arrive together join the running batch together (one prefill forward);
-        returns at once, so admission never waits for a decode."""
+        """Requests that arrive together join the running batch (prefilled together, as many per step as the
+        engine's prefill budget takes); returns at once, so admission never waits for a decode."""
         queues = []
         for request in requests:
             queue: asyncio.Queue = asyncio.Queue()
@@ -177,10 +179,8 @@ class Generator:
 
 
 def on_this_node(engine_args: dict) -> dict:
-    """Resolve device and dtype "auto" where the replica runs (the driver may have no GPU)."""
+    """Resolve device and dtype "auto" where the replica runs (the driver may have another GPU or CPU, or none)."""
     device, dtype = engine_args.get("device", "auto"), engine_args.get("dtype", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return {**engine_args, "device": device, "dtype": getattr(torch, dtype)}
+    return {**engine_args, "device": device, "dtype": auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)}

@@ -13,8 +13,8 @@ with its own settings and seed. So the loop is written out here:
   with their own cache; a step runs one forward per group.
 - Batching. A group's prompts are left-padded, so every row's next token lands in the last
   column; `attention_mask` hides the padding and `position_ids` count only real tokens, so each
-  row computes what it would alone. The first step prefills (in several forwards when
-  `max_batch_tokens` caps it, their caches merged), later steps feed one token per row.
+  row computes what it would alone. A request's first step prefills its prompt, later steps feed
+  one token per row.
 - Shrinking. A row leaves its group the step it finishes (`Cache.batch_select_indices`), and
   padding columns that no live row attends to any more are cut from the cache, so the cost of a
   step follows the live rows, not the batch the engine started with.
@@ -33,6 +33,13 @@ with its own settings and seed. So the loop is written out here:
   prefilled together and their caches stacked onto the running rows' (left-padded to the wider),
   so a request never waits for another to finish. `generate` is the same machinery with every
   request added up front.
+- Prefill budget. The running rows wait for a step's prefill, so a step prefills at most
+  `max_prefill_tokens` prompt tokens (rows x padded length; a longer prompt goes alone) and the
+  requests beyond it join at the following steps, in arrival order, while the running rows go on
+  decoding. Admitting a burst of 32 RAG prompts at once stalled every running stream for the whole
+  burst and cost throughput (SmolLM2 on CPU: 8.1 tokens/s at 32 concurrent requests, 13.4 at 8).
+  With the budget (launch/bench_serve.py --engine, 2-core CPU, 32 clients): 13.9-14.3 tokens per
+  CPU-second instead of 12.5-12.7, and the longest pause inside a stream 6-8 s instead of 33 s.
 
 Steps may run on a different thread each time (the Generator deployment runs each in
 `asyncio.to_thread`). Grad mode is
@@ -61,6 +68,11 @@ from ragft.model.tokenizer import CHAT_TEMPLATE
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 END_OF_TURN = "<|end|>"  # closes every turn of ragft's chat template; a chat model trained on it emits it to stop
 GREEDY_BELOW = 1e-5  # temperatures under this are argmax: logits / T would overflow long before T reaches 0
+# Prompt tokens one step prefills (rows x padded length). Lower: a running stream pauses less at a step that
+# prefills, and fewer prompts are padded to the longest one; higher: a burst joins in fewer steps (and cache
+# merges), which a GPU prefills about as fast in one forward. SmolLM2 on 2 CPU cores, 32 clients with RAG
+# prompts: 1024 and 2048 13.9 tokens/s, 4096 12.0, no budget 12.1.
+MAX_PREFILL_TOKENS = 2048  # about 7 RAG prompts of 300 tokens
 
 
 @dataclass(frozen=True)
@@ -101,10 +113,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
-        """Each next() runs one decode step for the whole batch (the first also prefills) and returns a list
-        aligned with `requests`: a Delta for each request that produced new text or finished in this step,
-        None for the others. Every request gets exactly one Delta with finish_reason set and none after it;
-        the iterator ends when all requests have finished."""
+        """Each next() runs one decode step for the whole batch (prefilling the requests that join in it) and
+        returns a list aligned with `requests`: a Delta for each request that produced new text or finished in
+        this step, None for the others. Every request gets exactly one Delta with finish_reason set and none
+        after it; the iterator ends when all requests have finished."""
 
 
 class IncrementalDetokenizer:
@@ -268,14 +280,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torc
 class _Group:
     """Rows that share one forward per step: one set of weights, one KV cache."""
 
-    def __init__(self, weights: _Weights, rows: list[_Row], device: torch.device, pad_id: int,
-                 max_batch_tokens: Optional[int]):
+    def __init__(self, weights: _Weights, rows: list[_Row], device: torch.device, pad_id: int):
         self.weights = weights
-        # Longest prompts first: prefill chunks then hold prompts of similar length (little padding).
-        self.rows = sorted(rows, key=lambda r: -len(r.prompt))
+        self.rows = rows
         self.device = device
         self.pad_id = pad_id
-        self.max_batch_tokens = max_batch_tokens
         self.cache: Optional[DynamicCache] = None
         self.mask = torch.empty(0)  # (rows, cache columns): 1 where a row has a real token
         self.positions = torch.empty(0)  # (rows,): position of each row's next token
@@ -296,7 +305,7 @@ class _Group:
                 live.append(row)
         if not live:
             return
-        new = _Group(self.weights, live, self.device, self.pad_id, self.max_batch_tokens)
+        new = _Group(self.weights, live, self.device, self.pad_id)
         new.next_ids = new._sample(new._prefill())
         new._advance(out)
         if not new.rows:
@@ -334,31 +343,13 @@ class _Group:
             self._keep(keep)
 
     def _prefill(self) -> torch.Tensor:
-        caches, masks, logits = [], [], []
-        for rows in self._prefill_chunks():
-            ids, mask = _left_pad([r.prompt for r in rows], self.pad_id, self.device)
-            positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # pad columns get 0; they are masked anyway
-            cache = DynamicCache(config=self.weights.config)
-            logits.append(self._forward(ids, mask, positions, cache, [r.adapter for r in rows]))
-            caches.append(cache)
-            masks.append(mask)
-        if len(caches) == 1:
-            self.cache, self.mask = caches[0], masks[0]
-        else:
-            self.cache, self.mask = _merge(caches, masks, self.weights.config)
+        """One forward over the rows' prompts (the step's prefill budget chose the rows); their last logits."""
+        ids, self.mask = _left_pad([r.prompt for r in self.rows], self.pad_id, self.device)
+        positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)  # pad columns get 0; they are masked anyway
+        self.cache = DynamicCache(config=self.weights.config)
+        logits = self._forward(ids, self.mask, positions, self.cache, [r.adapter for r in self.rows])
         self.positions = torch.tensor([len(r.prompt) for r in self.rows], device=self.device)
-        return torch.cat(logits)
-
-    def _prefill_chunks(self) -> list[list[_Row]]:
-        """Rows in prefill forwards of at most max_batch_tokens (rows x padded length) each."""
-        if self.max_batch_tokens is None or not self.weights.plain_cache:
-            return [self.rows]
-        chunks: list[list[_Row]] = [[]]
-        for row in self.rows:  # longest first, so a chunk's first row sets its padded length
-            if chunks[-1] and (len(chunks[-1]) + 1) * len(chunks[-1][0].prompt) > self.max_batch_tokens:
-                chunks.append([])
-            chunks[-1].append(row)
-        return chunks
+        return logits
 
     def _decode(self) -> torch.Tensor:
         self.mask = F.pad(self.mask, (0, 1), value=1)
@@ -417,7 +408,7 @@ def _left_pad(prompts: list[Sequence[int]], pad_id: int, device: torch.device) -
 
 
 def _merge(caches: list[DynamicCache], masks: list[torch.Tensor], config) -> tuple[DynamicCache, torch.Tensor]:
-    """One cache and mask from the caches of several prefill chunks, each left-padded to the widest."""
+    """One cache and mask from the caches of several sets of rows, each left-padded to the widest."""
     width = max(m.shape[1] for m in masks)
     mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
     layers = []
@@ -443,15 +434,15 @@ class TransformersEngine(Engine):
 
     def __init__(self, base_path: str, *, base_name: Optional[str] = "base", adapters: Optional[dict[str, str]] = None,
                  full_models: Optional[dict[str, str]] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 attn_implementation: str = "sdpa", max_batch_tokens: Optional[int] = None):
+                 attn_implementation: str = "sdpa", max_prefill_tokens: Optional[int] = MAX_PREFILL_TOKENS):
         adapters, full_models = dict(adapters or {}), dict(full_models or {})
         self.models = _model_names(base_name, adapters, full_models)
-        if max_batch_tokens is not None and max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1 or None, got {max_prefill_tokens}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.attn_implementation = attn_implementation
-        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # None: every waiting request joins at the next step
         self.tokenizer = load_tokenizer(base_path)
         config = AutoConfig.from_pretrained(base_path).get_text_config(decoder=True)
         self.context_length: int = config.max_position_embeddings
@@ -575,8 +566,9 @@ class TransformersEngine(Engine):
 
 class RunningBatch:
     """Continuous batching: requests `add`ed at any time (from any thread) join the decoding rows at the
-    next `step`, which prefills them and decodes every running row once. With `max_rows`, requests wait
-    in arrival order until a row is free; `max_rows=1` serves one request at a time (no batching).
+    next `step`, which decodes every running row once and prefills the waiting requests that fit the
+    engine's `max_prefill_tokens` (the others at the steps after, in arrival order). With `max_rows`,
+    requests also wait until a row is free; `max_rows=1` serves one request at a time (no batching).
 
     `step` returns {key: Delta} for the requests that produced text or finished in that step, each
     request keyed by what `add` was given.
@@ -621,8 +613,7 @@ class RunningBatch:
                 by_weights.setdefault(id(row.weights), []).append(row)
             for key, rows in by_weights.items():
                 if key not in self._groups or not self._groups[key].rows:
-                    self._groups[key] = _Group(rows[0].weights, [], engine.device, engine._pad_id,
-                                               engine.max_batch_tokens)
+                    self._groups[key] = _Group(rows[0].weights, [], engine.device, engine._pad_id)
                 group = self._groups[key]
                 if group.rows and not group.weights.plain_cache:
                     self.admit_rows(rows)  # caches that cannot be merged: wait until the group drains
@@ -631,7 +622,16 @@ class RunningBatch:
         return out
 
     def _take_pending(self) -> list[_Row]:
+        """The waiting requests that join at this step: in arrival order, while rows are free and their prompts,
+        padded to the longest, fit the engine's prefill budget (the first one joins whatever its length)."""
+        budget = self._engine.max_prefill_tokens
         with self._pending_lock:
             room = len(self._pending) if self._max_rows is None else max(0, self._max_rows - self.running)
-            taken, self._pending = self._pending[:room], self._pending[room:]
+            n, width = 0, 0
+            for row in self._pending[:room]:
+                width = max(width, len(row.prompt))
+                if n and budget is not None and (n + 1) * width > budget:
+                    break
+                n += 1
+            taken, self._pending = self._pending[:n], self._pending[n:]
         return taken

@@ -220,15 +220,57 @@ def test_one_forward_per_weights_and_finished_rows_leave_the_batch(engine, monke
     assert shared[2][0][2] == len(short) + 2  # prompt + the token fed now + one before: the padding is gone
 
 
-def test_chunked_prefill_without_served_base(engine_models, engine, ref):
+def test_without_served_base(engine_models, engine, ref):
     small = TransformersEngine(str(engine_models.base), base_name=None,
-                               adapters={"a": str(engine_models.a), "b.v2": str(engine_models.b)}, max_batch_tokens=40)
+                               adapters={"a": str(engine_models.a), "b.v2": str(engine_models.b)})
     assert small.models == ["a", "b.v2"]
     requests = [greedy(f"r{i}", ["a", "b.v2"][i % 2], encode(engine, p), 8) for i, p in enumerate(PROMPTS)]
     for request, result in zip(requests, run(small, requests)):
         assert_matches(engine, ref, request, result)
     with pytest.raises(ValueError, match="unknown model 'base'"):
         small.generate([greedy("r", "base", (5, 6), 4)])
+
+
+def test_prefill_budget_admits_a_burst_over_steps_and_answers_as_one_by_one(engine, ref, monkeypatch):
+    """A burst of requests larger than the prefill budget joins over several steps, in arrival order, while the
+    rows already in keep decoding at every step; each answer equals the same request generated alone (one by
+    one, and transformers' `generate`)."""
+    from ragft.serve import engine as engine_module
+
+    models = ["base", "a", "full", "b.v2", "a", "base", "full", "b.v2", "base", "a"]
+    requests = [greedy(f"r{i}", m, encode(engine, PROMPTS[i % len(PROMPTS)]), 6 + i % 5) for i, m in enumerate(models)]
+    alone = [run(engine, [request])[0] for request in requests]
+
+    budget = 2 * max(len(r.prompt_ids) for r in requests)  # at least two requests join per step
+    monkeypatch.setattr(engine, "max_prefill_tokens", budget)
+    calls = []
+    forward = engine_module._Group._forward
+
+    def spy(self, ids, mask, positions, cache, adapters):
+        calls.append(tuple(ids.shape))
+        return forward(self, ids, mask, positions, cache, adapters)
+
+    monkeypatch.setattr(engine_module._Group, "_forward", spy)
+    results, first_step, steps = [Result() for _ in requests], {}, []
+    for i, out in enumerate(engine.generate(requests)):
+        steps.append(calls[:])
+        calls.clear()
+        for k, delta in enumerate(out):
+            if delta is not None:
+                first_step.setdefault(k, i + 1 - delta.completion_tokens)  # a row gains a token per step
+                results[k].text += delta.text
+                results[k].tokens, results[k].finish_reason = delta.completion_tokens, delta.finish_reason
+
+    prefills = [shape for step in steps for shape in step if shape[1] > 1]
+    assert all(rows * width <= budget for rows, width in prefills)
+    joined = [first_step[k] for k in range(len(requests))]  # the step of each request's first token
+    assert joined == sorted(joined), "requests join in arrival order"
+    assert joined[-1] >= 2, f"the burst should join over 3+ steps: {joined}"
+    for step in steps[1 : joined[-1] + 1]:
+        assert any(width == 1 for _, width in step), "rows already decoding waited for a prefill"
+    for request, result, one in zip(requests, results, alone):
+        assert (result.text, result.tokens, result.finish_reason) == (one.text, one.tokens, one.finish_reason)
+        assert_matches(engine, ref, request, result)
 
 
 def test_stop_strings_truncate_and_are_not_returned(engine, ref):
