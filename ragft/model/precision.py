@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
-
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -27,10 +25,14 @@ def cpu_has_bf16() -> bool:
 
 
 def cuda_has_bf16() -> bool:
+    import torch  # here, not at the top: config validation imports this module and needs no torch otherwise
+
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def auto_dtype(device: str) -> torch.dtype:
-    """The dtype `auto` means on `device` ("cpu", "cuda" or "cuda:N")."""
+def auto_dtype(device: str):
+    """The torch dtype `auto` means on `device` ("cpu", "cuda" or "cuda:N")."""
+    import torch
+
     fast = cuda_has_bf16() if str(device).startswith("cuda") else cpu_has_bf16()
     return torch.bfloat16 if fast else torch.float32
