@@ -43,7 +43,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def converted_folder(gguf_file: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    """The HF folder of `gguf_file`, converting it on first use (a few seconds for a 135M model)."""
+    """The HF folder of `gguf_file`, converting it on first use."""
     import json
 
     gguf_file = Path(gguf_file).resolve()

@@ -36,10 +36,8 @@ with its own settings and seed. So the loop is written out here:
 - Prefill budget. The running rows wait for a step's prefill, so a step prefills at most
   `max_prefill_tokens` prompt tokens (rows x padded length; a longer prompt goes alone) and the
   requests beyond it join at the following steps, in arrival order, while the running rows go on
-  decoding. Admitting a burst of 32 RAG prompts at once stalled every running stream for the whole
-  burst and cost throughput (SmolLM2 on CPU: 8.1 tokens/s at 32 concurrent requests, 13.4 at 8).
-  With the budget (launch/bench_serve.py --engine, 2-core CPU, 32 clients): 13.9-14.3 tokens per
-  CPU-second instead of 12.5-12.7, and the longest pause inside a stream 6-8 s instead of 33 s.
+  decoding. Admitting a whole burst of long prompts at once stalls every running stream for the
+  whole burst (figures: launch/bench_serve.py --engine, README).
 
 Steps may run on a different thread each time (the Generator deployment runs each in
 `asyncio.to_thread`). Grad mode is
