@@ -143,7 +143,10 @@ class LoopConfig:
     max_steps: int = -1  # optimizer steps; -1 means run `epochs` epochs
     epochs: int = 1
     micro_batch_size: int = 8  # rows per worker per forward pass
-    global_batch_size: int = 16  # rows per optimizer step over all workers
+    # rows per optimizer step over all workers; null derives it as micro_batch_size × workers × grad_accum,
+    # so the default fits any world size, while a fixed value keeps the optimisation the same across clusters
+    global_batch_size: Optional[int] = None
+    grad_accum: int = 1  # micro-batches per optimizer step when global_batch_size is null
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05  # share of steps with linear warmup before the cosine decay

@@ -77,7 +77,7 @@ class TrainSpec:
     train: LoopConfig
     seed: int
     resume: Optional[str]
-    grad_accum: int  # derived: global / (micro * workers)
+    grad_accum: int  # derived: global / (micro * workers), or train.grad_accum when global is unset
     precision: str  # resolved: bf16 | fp32
     config_hash: str
     registry_path: str = ""  # absolute; the final checkpoint is recorded there
@@ -90,6 +90,11 @@ class TrainSpec:
     @property
     def world_size(self) -> int:
         return self.cluster.num_workers
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per optimizer step over all workers."""
+        return self.train.micro_batch_size * self.world_size * self.grad_accum
 
     @property
     def is_adapter(self) -> bool:
@@ -123,17 +128,15 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
     remote_gpus = cl.name in ("ray", "slurm") and cl.use_gpu
 
     # --- batch arithmetic
-    for name in ("micro_batch_size", "global_batch_size", "log_every", "eval_every", "save_every", "keep_last"):
+    for name in ("micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}={getattr(t, name)} must be at least 1")
     if cl.num_workers < 1:
         problems.append(f"cluster.num_workers={cl.num_workers} must be at least 1")
-    per_step = t.micro_batch_size * max(cl.num_workers, 1)
-    if t.global_batch_size % max(per_step, 1):
-        problems.append(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size "
-            f"× cluster.num_workers = {t.micro_batch_size} × {cl.num_workers} = {per_step}"
-        )
+    grad_accum, batch_problem = derive_grad_accum(t.global_batch_size, t.micro_batch_size, cl.num_workers,
+                                                  t.grad_accum)
+    if batch_problem:
+        problems.append(batch_problem)
     if t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"train.max_steps={t.max_steps}: use a positive number, or -1 to run train.epochs")
     if t.max_steps == -1 and t.epochs < 1:
@@ -227,11 +230,28 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         train=t,
         seed=job.seed,
         resume=job.resume,
-        grad_accum=t.global_batch_size // per_step,
+        grad_accum=grad_accum,
         precision=_resolve_precision(s.precision, cl.use_gpu and (cuda or remote_gpus), assume_gpu_bf16=remote_gpus),
         config_hash=config_hash(resolved),
         resolved_config=resolved,
     )
+
+
+def derive_grad_accum(global_batch: Optional[int], micro: int, workers: int, grad_accum: int) -> tuple[int, str]:
+    """(accumulation steps, problem or ""): from `train.global_batch_size` when set, else `train.grad_accum`."""
+    per_step = max(micro, 1) * max(workers, 1)
+    if global_batch is None:
+        return max(grad_accum, 1), ""
+    if global_batch < 1 or global_batch % per_step:
+        below = global_batch // per_step * per_step
+        fits = [n for n in (below, below + per_step, below + 2 * per_step) if n >= per_step]
+        return 1, (f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size × "
+                   f"cluster.num_workers = {micro} × {workers} = {per_step}: use a multiple of {per_step} "
+                   f"({', '.join(map(str, fits))}, ...), or leave it unset (null) for {per_step} × train.grad_accum")
+    if grad_accum not in (1, global_batch // per_step):
+        return 1, (f"train.grad_accum={grad_accum} contradicts train.global_batch_size={global_batch} "
+                   f"({global_batch} / ({micro} × {workers}) = {global_batch // per_step}): set only one of them")
+    return global_batch // per_step, ""
 
 
 def config_hash(resolved: dict) -> str:

@@ -233,7 +233,7 @@ def describe(path: str, model_id: str) -> tuple[Optional[ServedModel], Optional[
     if (folder / ckpt.MANIFEST).is_file():
         manifest = json.loads((folder / ckpt.MANIFEST).read_text())
         if "files" in manifest:
-            bad = ckpt.verify(folder)
+            bad = ckpt.verify(folder, ckpt.inference_files(folder))  # the resume-only state is never read here
             if bad:
                 return None, None, [f"checkpoint {path} is damaged: sha256 mismatch in {', '.join(bad[:3])}"]
     run_id, step, method = manifest.get("run_id"), manifest.get("step"), manifest.get("method")

@@ -3,11 +3,14 @@
 Layout of `<out_dir>/checkpoints/<step>/`:
   model.safetensors + config.json (full) or adapter_model.safetensors + adapter_config.json (LoRA),
   tokenizer files, `deepspeed/` (engine state for resume), `rng/rank-<r>.pt` (each rank's RNG streams),
-  `trainer_state.json` (step, epoch, micro-batches consumed), `manifest.json`.
+  `trainer_state.json` (step, epoch, micro-batches consumed), `manifest.json` (sha256 of every file).
 
-All ranks write into `.tmp-<step>` (DeepSpeed's state is sharded); rank 0 then
-adds the gathered weights and the manifest and renames the folder, so a folder
-named by its step is always complete.
+All ranks write into `.tmp-<step>` (DeepSpeed's state is sharded) and hash the files they wrote,
+in parallel; rank 0 then adds the gathered weights, merges the digests into the manifest and
+renames the folder, so a folder named by its step is always complete. An adapter's DeepSpeed
+state leaves out the frozen base weights: they are the base model's, loaded again on resume.
+Reading checks what it loads: resume splits the checkpoint's files over the ranks, serving and
+evaluation hash only the weights, config and tokenizer (`inference_files`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,9 @@ TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 RNG_DIR = "rng"
+RESUME_ONLY = (DEEPSPEED_DIR + "/", RNG_DIR + "/", TRAINER_STATE)  # what serving and evaluation never read
+# Files DeepSpeed (zero_pp_rank_<r>_...) or ragft (rng/rank-<r>.pt) write once per rank; the rest are rank 0's.
+_RANK_OF_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class SavedCheckpoint:
     path: Path
     size_bytes: int
     seconds: float
+    hash_seconds: float  # the slowest rank's hashing, part of `seconds`
 
 
 def gathered_state_dict(model: torch.nn.Module, trainable_only: bool, zero3: bool, is_rank0: bool) -> dict | None:
@@ -67,6 +76,7 @@ def gathered_state_dict(model: torch.nn.Module, trainable_only: bool, zero3: boo
 def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state: dict, is_rank0: bool) -> SavedCheckpoint | None:
     """Write checkpoint `step` (collective: every rank calls it). Returns its description on rank 0."""
     started = time.perf_counter()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     root = spec.checkpoints_dir
     tmp = root / f".tmp-{step}"
     if is_rank0:
@@ -74,24 +84,87 @@ def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=trainer_state)
-    save_rng_state(tmp, dist.get_rank())
+    with adapter_module_state(engine, spec):
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=trainer_state,
+                               exclude_frozen_parameters=spec.is_adapter)
+    save_rng_state(tmp, rank)
     weights = gathered_state_dict(model, trainable_only=spec.is_adapter, zero3=spec.strategy.zero_stage == 3,
                                   is_rank0=is_rank0)
-    dist.barrier()  # every rank's shard and RNG state is on disk before rank 0 hashes them
-    saved = None
+    dist.barrier()  # every rank's files are on disk: each knows which are its own
     if is_rank0:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        write_manifest(tmp, spec, step, metrics)
+    hash_started = time.perf_counter()
+    mine = {rel: sha256_file(tmp / rel) for rel in files_written_by(tmp, rank, world_size)}
+    parts = [None] * world_size if is_rank0 else None
+    dist.gather_object((mine, time.perf_counter() - hash_started), parts, dst=0)
+    saved = None
+    if is_rank0:
+        files = {rel: digest for digests, _ in parts for rel, digest in digests.items()}
+        hash_seconds = max(seconds for _, seconds in parts)
+        write_manifest(tmp, spec, step, metrics, files)
         final = root / str(step)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run may redo a step it had saved
         tmp.rename(final)
         prune(root, spec.train.keep_last)
-        saved = SavedCheckpoint(step, final, folder_size(final), time.perf_counter() - started)
+        saved = SavedCheckpoint(step, final, folder_size(final), time.perf_counter() - started,
+                                hash_seconds)
     dist.barrier()
     return saved
+
+
+@contextmanager
+def adapter_module_state(engine, spec):
+    """Under an adapter, DeepSpeed's copy of the module keeps only what resume cannot get elsewhere.
+
+    Frozen weights are the base model's, loaded again on resume. `exclude_frozen_parameters` alone
+    misses tied aliases of them (it filters by `named_parameters()`, which lists a tied weight once, so
+    a tied LM head stays: the whole embedding matrix). Under ZeRO 1-3 the trained weights are also
+    left out: the optimizer's fp32 partitions hold them, and `load_engine_state` restores the module
+    from those. Stage 0 keeps them: its optimizer state has only the moments.
+    """
+    if not spec.is_adapter:
+        yield
+        return
+    module = engine.module
+    params = {name: p for name, p in module.named_parameters(remove_duplicate=False)}
+    keep_trained = spec.strategy.zero_stage == 0
+
+    def module_state_dict(*args, **kwargs):
+        state = module.state_dict()
+        return {k: v for k, v in state.items() if k not in params or (keep_trained and params[k].requires_grad)}
+
+    engine.module_state_dict = module_state_dict  # DeepSpeed's save calls it through the instance
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def load_engine_state(engine, folder: Path, spec) -> dict:
+    """Load the DeepSpeed state of checkpoint `folder` into `engine` (collective); returns the trainer state."""
+    # An adapter's state holds no frozen weights (adapter_module_state): those stay as loaded from the base.
+    _, state = engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                      load_module_strict=not spec.is_adapter)
+    if spec.is_adapter and spec.strategy.zero_stage in (1, 2):
+        # The trained weights came back only into the fp32 partitions: copy them into the module,
+        # as DeepSpeed does itself after loading a universal checkpoint. ZeRO-3 does this on load.
+        engine.optimizer.update_lp_params()
+    return state
+
+
+def files_written_by(folder: Path, rank: int, world_size: int) -> list[str]:
+    """The files of `folder` (relative, sorted) that `rank` wrote: its own DeepSpeed shards and RNG state,
+    and for rank 0 everything written once. With a world of one, every file."""
+    owned = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(folder))
+        found = _RANK_OF_FILE.search(path.name)
+        writer = int(found.group(1)) if found and int(found.group(1)) < world_size else 0
+        if writer == rank:
+            owned.append(rel)
+    return owned
 
 
 def save_rng_state(folder: Path, rank: int) -> None:
@@ -118,18 +191,43 @@ def load_rng_state(folder: Path, rank: int) -> bool:
 
 
 def latest_valid(checkpoints_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose files match their manifest; damaged ones are named and skipped."""
-    for folder in reversed(complete_checkpoints(checkpoints_dir)):
-        bad = verify(folder)
+    """The newest complete checkpoint whose files match their manifest; damaged ones are named and skipped.
+
+    Collective when a process group is initialised: every rank hashes a share of each candidate's files
+    and all of them return the same folder. Without one, this process hashes everything."""
+    group = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    candidates = [complete_checkpoints(checkpoints_dir)]
+    if group:
+        dist.broadcast_object_list(candidates, src=0)  # one list for all ranks, even if a save lands meanwhile
+    for folder in reversed(candidates[0]):
+        files = sorted(json.loads((folder / MANIFEST).read_text())["files"])
+        bad = verify(folder, share(folder, files, rank, world_size))
+        if group:
+            found = [None] * world_size
+            dist.all_gather_object(found, bad)
+            bad = sorted(rel for part in found for rel in part)
         if not bad:
             return folder
-        print(f"warning: skipping damaged checkpoint {folder}: sha256 mismatch in {', '.join(bad[:3])}",
-              flush=True)
+        if rank == 0:
+            print(f"warning: skipping damaged checkpoint {folder}: sha256 mismatch in {', '.join(bad[:3])}",
+                  flush=True)
     return None
 
 
-def write_manifest(folder: Path, spec, step: int, metrics: dict) -> None:
-    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+def share(folder: Path, files: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's part of `files` for hashing: the largest file first to the least loaded rank, so the
+    ranks finish together. Missing files weigh nothing (they fail verification at once)."""
+    sizes = {rel: (folder / rel).stat().st_size if (folder / rel).is_file() else 0 for rel in files}
+    loads, parts = [0] * world_size, [[] for _ in range(world_size)]
+    for rel in sorted(files, key=lambda r: (-sizes[r], r)):
+        least = loads.index(min(loads))
+        loads[least] += sizes[rel]
+        parts[least].append(rel)
+    return parts[rank]
+
+
+def write_manifest(folder: Path, spec, step: int, metrics: dict, files: dict[str, str]) -> None:
     manifest = {
         "format": "ragft-checkpoint/1",
         "run_id": spec.run_id,
@@ -141,7 +239,7 @@ def write_manifest(folder: Path, spec, step: int, metrics: dict) -> None:
         "data_hash": spec.plan.data_hash if spec.plan else None,
         "metrics": metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": files,
+        "files": dict(sorted(files.items())),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -155,20 +253,39 @@ def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
-def verify(folder: Path) -> list[str]:
-    """Files of a checkpoint whose sha256 differs from its manifest (or that are missing)."""
-    manifest = json.loads((folder / MANIFEST).read_text())
+def verify(folder: Path, files: list[str] | None = None) -> list[str]:
+    """Files of a checkpoint (all, or those named) whose sha256 differs from its manifest, or that are missing."""
+    manifest = json.loads((folder / MANIFEST).read_text())["files"]
     bad = []
-    for rel, digest in manifest["files"].items():
+    for rel in manifest if files is None else files:
         path = folder / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if rel not in manifest or not path.is_file() or sha256_file(path) != manifest[rel]:
             bad.append(rel)
     return bad
 
 
+def inference_files(folder: Path) -> list[str]:
+    """The manifest's files that loading the checkpoint as a model reads: weights, configs, tokenizer."""
+    return [rel for rel in json.loads((folder / MANIFEST).read_text())["files"] if not rel.startswith(RESUME_ONLY)]
+
+
+def best_by_eval_loss(checkpoints: list[Path]) -> Path | None:
+    """The checkpoint evaluated at its own step with the lowest eval loss (the earliest on ties); None if none was."""
+    best, best_loss = None, float("inf")
+    for folder in checkpoints:
+        loss = json.loads((folder / MANIFEST).read_text())["metrics"].get("eval_loss")
+        if loss is not None and loss < best_loss:
+            best, best_loss = folder, loss
+    return best
+
+
 def prune(checkpoints_dir: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest `keep_last` complete checkpoints, and the best by eval loss."""
+    found = complete_checkpoints(checkpoints_dir)
+    keep = set(found[-keep_last:]) | {best_by_eval_loss(found)}
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

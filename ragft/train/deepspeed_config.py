@@ -47,7 +47,7 @@ def render(spec: TrainSpec) -> dict:
         # DeepSpeed's fused and CPU Adam need compiled ops; torch's AdamW is the same update on CPU.
         optimizer_params["torch_adam"] = True
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": spec.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": s.grad_clip,

@@ -8,11 +8,13 @@ parquet file directly instead of Ray Data, and the process group from the enviro
     python -m ragft.train.local model=... method=lora strategy=zero2 train.max_steps=50
     torchrun --nproc-per-node 8 -m ragft.train.local cluster.use_gpu=true cluster.num_workers=8 ...
 
-Checkpoints, metrics.jsonl and result files are the same as `ragft train` writes, minus result.json.
+Checkpoints, metrics.jsonl and spec.json are the same as `ragft train` writes (so `resume=` works), minus
+result.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import replace
@@ -46,13 +48,15 @@ def train_local(spec, rank: int, world_size: int) -> None:
     """Rank 0 prepares model and data as the Ray driver would and shares its spec; all ranks train."""
     from ragft.model.build import load_tokenizer
     from ragft.train.loop import run_worker
-    from ragft.train.run import prepare_data, prepare_model
+    from ragft.train.run import prepare_data, prepare_model, spec_summary
 
     shared = [None]
     if rank == 0:
         Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
         spec, tokenizer = prepare_model(replace(spec, cluster=replace(spec.cluster, num_workers=world_size)))
         shared = [prepare_data(spec, tokenizer)]
+        # what `resume=<out_dir>` reads back, as for `ragft train`
+        (Path(spec.out_dir) / "spec.json").write_text(json.dumps(spec_summary(shared[0]), indent=2, default=str))
     dist.broadcast_object_list(shared, src=0)  # one run id, one out_dir, one data plan for every rank
     spec = shared[0]
     pad, micro = load_tokenizer(spec.tokenizer_path).pad_token_id, spec.train.micro_batch_size

@@ -179,11 +179,17 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             saving = step % spec.train.save_every == 0 or done
             if saving:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
-                saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, metrics, state, is_rank0)
+                # the manifest's eval loss is this step's own, so keep_last and `best` compare like with like
+                recorded = {k: v for k, v in metrics.items() if k != "eval_loss"}
+                if evaluated and last_eval is not None:
+                    recorded["eval_loss"] = last_eval
+                saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, recorded, state, is_rank0)
                 if saved is not None:
                     emit({"event": "checkpoint", "step": step, "path": str(saved.path),
-                          "size_bytes": saved.size_bytes, "seconds": saved.seconds})
-                    tracker.log({"checkpoint_save_s": saved.seconds}, step)
+                          "size_bytes": saved.size_bytes, "seconds": saved.seconds,
+                          "hash_seconds": saved.hash_seconds})
+                    tracker.log({"checkpoint_save_s": saved.seconds, "checkpoint_hash_s": saved.hash_seconds,
+                                 "checkpoint_bytes": saved.size_bytes}, step)
             # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so only
             # checkpoints go through it, and evaluations in a Tune trial (ASHA compares trials on them);
             # the per-step lines above do not.
@@ -197,9 +203,9 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
         epoch += 1
         skip_batches = 0
     if is_rank0:
-        final = checkpoint.latest_valid(spec.checkpoints_dir)
-        if final is not None:
-            tracker.log_checkpoint(final, int(final.name))
+        saved_so_far = checkpoint.complete_checkpoints(spec.checkpoints_dir)  # each hashed as it was saved
+        if saved_so_far:
+            tracker.log_checkpoint(saved_so_far[-1], int(saved_so_far[-1].name))
         tracker.finish()
 
 
@@ -252,16 +258,14 @@ def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
 def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, int, int]:
     """(step, epoch, micro-batches to skip) after loading the newest valid checkpoint, if any.
 
-    A restarted worker group (Ray's FailureConfig) and `resume=` both land here. Rank 0
-    checks the sha256 of the candidates and every rank loads the one it picked: model,
+    A restarted worker group (Ray's FailureConfig) and `resume=` both land here. The ranks
+    check the sha256 of the candidates together and every rank loads the one picked: model,
     optimizer, LR schedule (DeepSpeed state), its own RNG streams, and the data position.
     """
-    choice = [checkpoint.latest_valid(spec.checkpoints_dir) if rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    folder: Path | None = choice[0]
+    folder = checkpoint.latest_valid(spec.checkpoints_dir)  # collective: the ranks split the hashing
     if folder is None:
         return 0, 0, 0
-    _, state = engine.load_checkpoint(str(folder / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG)
+    state = checkpoint.load_engine_state(engine, folder, spec)
     if not checkpoint.load_rng_state(folder, rank):
         seed_everything(spec.seed + state["step"])  # world size changed: a fresh, still deterministic stream
     if rank == 0:

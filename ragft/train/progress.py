@@ -33,7 +33,8 @@ def format_step(m: dict, total_steps: int, eta_s: float) -> str:
 def format_event(event: dict) -> str | None:
     if event["event"] == "checkpoint":
         return (f"saved checkpoint step {event['step']} → {event['path']} "
-                f"({event['size_bytes'] / 2**20:.1f} MiB, {event['seconds']:.1f} s)")
+                f"({event['size_bytes'] / 2**20:.1f} MiB, {event['seconds']:.1f} s of which "
+                f"{event.get('hash_seconds', 0.0):.1f} s sha256)")
     if event["event"] == "resumed":
         return (f"resumed from {event['path']} (step {event['step']}, epoch {event['epoch']}, "
                 f"{event['epoch_batches']} micro-batches into it)")

@@ -117,7 +117,7 @@ def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
     if steps_per_epoch == 0:
         raise ConfigError([
             f"the training data gives {data.num_train_rows} rows, fewer than one optimizer step needs "
-            f"(train.global_batch_size={t.global_batch_size}); lower the batch size or add data"
+            f"(global batch {spec.global_batch_size} rows); lower the batch size or add data"
         ])
     if 0 < data.num_eval_rows < spec.world_size:
         # Ray splits the eval rows equally over the workers: fewer rows than workers leaves every shard empty
@@ -208,11 +208,7 @@ def load_rows(path: str):
 def write_result(spec: TrainSpec, result, seconds: float) -> dict:
     ckpts = checkpoint.complete_checkpoints(spec.checkpoints_dir)
     final = ckpts[-1] if ckpts else None
-    best, best_loss = None, float("inf")
-    for path in ckpts:
-        loss = json.loads((path / checkpoint.MANIFEST).read_text())["metrics"].get("eval_loss")
-        if loss is not None and loss < best_loss:
-            best, best_loss = path, loss
+    best = checkpoint.best_by_eval_loss(ckpts)  # pruning always keeps it, so it exists
     summary = {
         "run_id": spec.run_id,
         "out_dir": spec.out_dir,
@@ -246,8 +242,11 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
     if final is not None and spec.registry_path:
         links = {"result": str(Path(spec.out_dir) / "result.json"), **({"wandb": summary["wandb"].get("url")}
                                                                     if summary.get("wandb") else {})}
-        registry.record_checkpoint(spec.registry_path, final, metrics={"train.loss": summary["metrics"].get("loss")},
-                                   links=links)
+        for folder in dict.fromkeys([best or final, final]):  # the best by eval loss, then the final one
+            recorded = json.loads((folder / checkpoint.MANIFEST).read_text())["metrics"]
+            metrics = {"train.loss": recorded.get("loss"), "train.eval_loss": recorded.get("eval_loss")}
+            registry.record_checkpoint(spec.registry_path, folder, links=links,
+                                       metrics={k: v for k, v in metrics.items() if v is not None})
     return summary
 
 
