@@ -1,15 +1,16 @@
 """Benchmark: ragft's training loop vs a bare hand-written DeepSpeed loop, same run, same inputs.
 
-Both train the same tiny base model on the same tokenized rows, with the same world
-size, micro/global batch, LoRA settings and steps, on CPU with gloo. ragft runs as
-`ragft train` does (Ray Train workers, Ray Data shards, metrics, eval, checkpoints);
-the baseline is `torch.multiprocessing` + `deepspeed.initialize` + a for loop over
-pre-sharded tensors, nothing else. Throughput counts non-pad tokens over the steps
-after the first `--warmup` ones; memory is rank 0's peak (accelerator memory, or resident
-memory on CPU: there it includes each side's imports, Ray's worker runtime for ragft).
-Prints both figures and ragft / bare.
+Both train the same base model (`--model`: any model config, e.g. tiny or smollm2) on the same
+tokenized rows, with the same world size, micro/global batch, LoRA settings, optimizer and steps,
+on CPU with gloo. ragft runs as `ragft train` does (Ray Train workers, Ray Data shards, metrics,
+eval, checkpoints); the baseline is `torch.multiprocessing` + PEFT + `deepspeed.initialize` + a
+for loop over pre-sharded tensors, nothing else. Throughput counts non-pad tokens over the steps
+after the first `--warmup` ones; memory is rank 0's peak (accelerator memory, or resident memory
+on CPU: there it includes each side's imports, Ray's worker runtime for ragft). Prints both
+figures and ragft / bare.
 
-    python launch/bench_train.py [--steps 40] [--workers 2] [--strategy zero2] [--method lora]
+    python launch/bench_train.py [--model smollm2] [--steps 40] [--workers 2] [--strategy zero2]
+                                 [--method lora|full] [--micro 8] [--seq 256]
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
 
     overrides = [
         f"out_dir={out_dir}",
+        f"model={args.model}",
+        f"data.max_seq_len={args.seq}",
         f"method={args.method}",
         f"strategy={args.strategy}",
         f"cluster.num_workers={args.workers}",
@@ -56,16 +59,19 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     steady = windows[1:-1] or windows[1:]  # drop the warmup window and the one holding eval + save
     seconds = [w["step_time_s"] * args.warmup for w in steady]  # each window spans log_every = warmup steps
     tokens_per_s = sum(w["tokens_per_s"] * s for w, s in zip(steady, seconds)) / sum(seconds)
+    saved = json.loads((out_dir / "spec.json").read_text())
     facts = {
-        "base_model": str(out_dir / "base_model"),
-        "train_path": json.loads((out_dir / "spec.json").read_text())["plan"]["train_path"],
+        "base_model": saved["base_model_path"],
+        "train_path": saved["plan"]["train_path"],
         "rows": result["data"]["train_rows"],
+        "method": saved["method"],
+        "train": saved["train"],
     }
     mem_gb = max(w["mem_gb"] for w in windows)  # rank 0's, as ragft logs it
     return {"tokens_per_s": tokens_per_s, "mem_gb": mem_gb, "windows": len(steady)}, facts
 
 
-def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, queue) -> None:
+def bare_worker(rank: int, args, facts: dict, port: int, queue) -> None:
     """The baseline: what an engineer would write by hand around DeepSpeed."""
     import deepspeed
     from peft import LoraConfig, get_peft_model
@@ -76,11 +82,12 @@ def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, que
                       WORLD_SIZE=str(args.workers))
     dist.init_process_group("gloo", rank=rank, world_size=args.workers)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(facts["base_model"], dtype=torch.float32)
+    method, train = facts["method"], facts["train"]
     if args.method == "lora":
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=method["r"], lora_alpha=method["alpha"],
+                                                 lora_dropout=method["dropout"],
+                                                 target_modules=list(method["target_modules"])))
     stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[args.strategy]
     config = {
         "train_micro_batch_size_per_gpu": args.micro,
@@ -88,14 +95,15 @@ def bare_worker(rank: int, args, base_model: str, rows_path: str, port: int, que
         "train_batch_size": args.micro * args.accum * args.workers,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": train["lr"], "betas": [train["adam_beta1"], train["adam_beta2"]],
+                                                  "weight_decay": train["weight_decay"], "torch_adam": True}},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=config)
-    table = pq.read_table(rows_path).to_pylist()[rank::args.workers]
+    table = pq.read_table(facts["train_path"]).to_pylist()[rank::args.workers]
     batches = []
     for i in range(0, len(table) - args.micro + 1, args.micro):
         chunk = table[i:i + args.micro]
@@ -137,7 +145,7 @@ def bare_run(args, facts: dict) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=bare_worker, args=(r, args, facts["base_model"], facts["train_path"], port, queue))
+    procs = [ctx.Process(target=bare_worker, args=(r, args, facts, port, queue))
              for r in range(args.workers)]
     for p in procs:
         p.start()
@@ -149,6 +157,8 @@ def bare_run(args, facts: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="a model config (conf/model/<name>.yaml)")
+    parser.add_argument("--seq", type=int, default=256, help="data.max_seq_len: tokens per packed row")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput")
     parser.add_argument("--workers", type=int, default=2)
@@ -173,8 +183,8 @@ def main() -> None:
     ragft, bare = ({key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "mem_gb")}
                    for runs in (ragft_runs, bare_runs))
     ratio = ragft["tokens_per_s"] / bare["tokens_per_s"]
-    print(f"\nbench_train: {args.method} {args.strategy}, {args.workers} workers, {args.steps} steps "
-          f"(first {args.warmup} excluded), micro batch {args.micro}, accumulation {args.accum}, "
+    print(f"\nbench_train: {args.model} {args.method} {args.strategy}, {args.workers} workers, {args.steps} steps "
+          f"(first {args.warmup} excluded), micro batch {args.micro} x {args.seq} tokens, accumulation {args.accum}, "
           f"median of {args.repeats} alternating pairs")
     print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s, peak memory {bare['mem_gb']:.2f} GiB (rank 0)")
     print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s, peak memory {ragft['mem_gb']:.2f} GiB (rank 0)")

@@ -42,9 +42,10 @@ def test_bad_slurm_values_are_listed_together(compose_train):
 def test_rendered_script_for_4_nodes_of_8_gpus(compose_train, tmp_path):
     spec = validate_train(compose_train("cluster=slurm", "cluster.nodes=4", "cluster.gpus_per_node=8",
                                         "cluster.partition=gpu", "cluster.account=ml", "cluster.time=12:00:00",
-                                        "cluster.mem=800G", "cluster.dry_run=true", "train.global_batch_size=256",
+                                        "cluster.mem=800G", "cluster.dry_run=true",
                                         "cluster.sbatch_extra=[--exclusive]", "cluster.setup=[module load cuda]"))
     assert spec.cluster.num_workers == 32  # nodes × gpus_per_node, from conf/cluster/slurm.yaml
+    assert spec.global_batch_size == 8 * 32 and spec.grad_accum == 1  # the default batch fits any world size
     script = render(spec, ["cluster=slurm", "cluster.nodes=4", "cluster.dry_run=true", "out_dir=elsewhere"])
     lines = script.splitlines()
     for expected in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=96",

@@ -48,7 +48,8 @@ def train_local(spec, rank: int, world_size: int) -> None:
     """Rank 0 prepares model and data as the Ray driver would and shares its spec; all ranks train."""
     from ragft.model.build import load_tokenizer
     from ragft.train.loop import run_worker
-    from ragft.train.run import prepare_data, prepare_model, spec_summary
+    from ragft.config.spec import spec_summary
+    from ragft.train.run import prepare_data, prepare_model
 
     shared = [None]
     if rank == 0:

@@ -262,7 +262,9 @@ def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, i
     check the sha256 of the candidates together and every rank loads the one picked: model,
     optimizer, LR schedule (DeepSpeed state), its own RNG streams, and the data position.
     """
+    started = time.perf_counter()
     folder = checkpoint.latest_valid(spec.checkpoints_dir)  # collective: the ranks split the hashing
+    verify_s = time.perf_counter() - started
     if folder is None:
         return 0, 0, 0
     state = checkpoint.load_engine_state(engine, folder, spec)
@@ -270,7 +272,8 @@ def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, i
         seed_everything(spec.seed + state["step"])  # world size changed: a fresh, still deterministic stream
     if rank == 0:
         truncate_history(Path(spec.out_dir) / "metrics.jsonl", state["step"])
-    emit({"event": "resumed", "path": str(folder), **{k: state[k] for k in ("step", "epoch", "epoch_batches")}})
+    emit({"event": "resumed", "path": str(folder), "verify_s": verify_s,
+          **{k: state[k] for k in ("step", "epoch", "epoch_batches")}})
     return state["step"], state["epoch"], state["epoch_batches"]
 
 

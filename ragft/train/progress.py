@@ -37,7 +37,7 @@ def format_event(event: dict) -> str | None:
                 f"{event.get('hash_seconds', 0.0):.1f} s sha256)")
     if event["event"] == "resumed":
         return (f"resumed from {event['path']} (step {event['step']}, epoch {event['epoch']}, "
-                f"{event['epoch_batches']} micro-batches into it)")
+                f"{event['epoch_batches']} micro-batches into it; sha256 checked in {event.get('verify_s', 0.0):.1f} s)")
     return None
 
 
