@@ -29,7 +29,7 @@ from ragft.train.run import run
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 QA = [json.loads(line) for line in Path(sample_path("qa.jsonl")).read_text().splitlines()]
-N_QUESTIONS = 4  # eval.max_questions: the first questions of qa.jsonl
+N_QUESTIONS = 2  # eval.max_questions: the first questions of qa.jsonl
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import jinja2
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +33,7 @@ from ragft.serve.engine import GenerationRequest, SamplingParams
 from ragft.serve.observe import Observer, RequestRecord, log
 from ragft.serve.spec import ServeSpec
 
-app = FastAPI(title="ragft", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="ragft", docs_url=None, redoc_url=None)  # /openapi.json: the schema clients and fuzzers read
 MAX_DOCUMENTS_PER_REQUEST = 10_000
 
 
@@ -41,6 +42,19 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     # Unknown routes and methods answer in OpenAI's shape too.
     return error_response(p.APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
                                      code="not_found" if err.status_code == 404 else "method_not_allowed"))
+
+
+def _openapi() -> dict:
+    """FastAPI's document plus the request schemas the routes' bodies refer to."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(
+            p.openapi_components(p.ChatRequest, p.CompletionRequest))
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 def error_response(err: p.APIError) -> JSONResponse:
@@ -79,11 +93,11 @@ class Ingress:
     async def list_models(self, request: Request) -> Response:
         return await self._serve(request, "models", self._models)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=p.openapi_body(p.ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, "chat", self._chat)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=p.openapi_body(p.CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, "completions", self._completions)
 

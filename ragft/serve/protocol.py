@@ -1,7 +1,8 @@
 """The OpenAI wire format: request schemas, the error shape, and response / stream-chunk builders.
 
-Requests are validated with pydantic (unknown OpenAI fields are ignored, as OpenAI-compatible
-servers do); every failure becomes an `APIError`, rendered in OpenAI's shape
+Requests are validated with pydantic. A field ragft does not implement (`tools`, `response_format`,
+`logprobs`, penalties, ...) is refused with a 400 naming it, never silently dropped: a client that
+relies on it must not get an answer that ignores it. Every failure becomes an `APIError`, rendered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status. ragft's additions are a
 `rag` object in the request (`extra_body={"rag": {...}}` in the openai client) and `citations`
 beside `choices` in the response (and in the last chunk of a stream).
@@ -51,7 +52,7 @@ class Message(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # what is not declared here is not implemented
 
     model: str
     max_tokens: Optional[int] = None
@@ -84,6 +85,25 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+def openapi_body(model: type[BaseModel]) -> dict:
+    """A route's `openapi_extra` describing its JSON body as `model` (the route reads the raw body itself,
+    so that every validation failure gets OpenAI's error shape)."""
+    schema = model.model_json_schema(ref_template=SCHEMA_REF)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def openapi_components(*models: type[BaseModel]) -> dict:
+    """The schemas that `openapi_body(model)` refers to, for the document's `components.schemas`."""
+    found = {}
+    for model in models:
+        found.update(model.model_json_schema(ref_template=SCHEMA_REF).get("$defs", {}))
+    return found
+
+
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
 def decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -101,8 +121,11 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
-        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+        if first["type"] == "extra_forbidden":
+            raise bad_request(f"{param}: ragft serve does not implement this parameter; leave it out{more}", param,
+                              "unsupported_parameter") from None
+        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         raise bad_request(f"{param}: {first['msg']}{more}", param, code) from None
 
 

@@ -1,7 +1,8 @@
 """The driver of `ragft serve`: spec → Ray (embedded or a cluster) → Serve app → wait for Ctrl-C.
 
 In the foreground (the default) the command serves until SIGINT/SIGTERM, then deletes the
-app and returns; Serve drains in-flight requests for each replica's graceful-shutdown period.
+app and returns; Serve drains in-flight requests for each replica's graceful-shutdown period, and
+where this command started Ray, Ray and its HAProxy stop with it (`shutdown`).
 With `serve.detach=true` (cluster=ray) it returns once the app is running and leaves it there;
 `serve shutdown` or `serve.delete(<app_name>)` removes it.
 """
@@ -17,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ragft.serve.haproxy import SIDE_HOST, Private
 from ragft.serve.spec import ServeSpec
 
 SERVE_INFO = "serve.json"
+STOP_TIMEOUT_S = 20.0  # for Serve to drain and delete the app before Ray is stopped under it
 
 
 def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
@@ -30,11 +33,17 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
 
     s = spec.serve
     context_length = AutoConfig.from_pretrained(spec.base_path).max_position_embeddings
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    haproxy = None
+    if started_ray:
         for key, value in serve_env(s.haproxy).items():
             os.environ.setdefault(key, value)  # inherited by the embedded Ray's proxy and replicas
+        if s.haproxy and spec.cluster.name == "local":
+            haproxy = Private()
+            os.environ.update(haproxy.env)  # this instance's own: never a setdefault left from an earlier one
         address = spec.cluster.address if spec.cluster.name == "ray" else None
         ray.init(address=address, configure_logging=False, include_dashboard=spec.cluster.name == "local")
+    ray_processes = _own_ray_processes() if started_ray and spec.cluster.name == "local" else []
     stop = threading.Event()
     with _stop_on_signal(stop):  # installed after ray.init, which sets its own SIGTERM handler
         serve.start(http_options={"host": s.host, "port": s.port,
@@ -44,6 +53,9 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
         info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
                 "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
                 "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
+        if haproxy is not None:
+            info["haproxy"] = {"stats": f"http://{SIDE_HOST}:{haproxy.stats_port}/stats",
+                               "metrics": f"http://{SIDE_HOST}:{haproxy.metrics_port}/metrics"}
         Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(spec.out_dir) / SERVE_INFO).write_text(json.dumps(info, indent=2))
         print(f"ragft serve: {info['url']} (models: {', '.join(m.id for m in spec.models)}; "
@@ -55,9 +67,54 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
         print("ragft serve: Ctrl-C stops it", flush=True)
         while not stop.wait(0.5):
             pass
-    print("ragft serve: stopping", flush=True)
-    serve.delete(s.app_name)
+        print("ragft serve: stopping", flush=True)
+        shutdown(s.app_name, started_ray, ray_processes, haproxy)
     return info
+
+
+def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Private | None,
+             timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop serving within `timeout_s` plus a few seconds, leaving nothing running that this command started.
+
+    The app is deleted first, so replicas drain their requests. That needs Ray's own processes: a
+    SIGTERM to the whole process group (systemd, Kubernetes, Slurm) reaches the embedded Ray's GCS,
+    raylet and dashboard too, and once one of them is gone Serve can only hang, so the drain stops
+    there. (They ignore SIGINT, so Ctrl-C in a terminal drains.) Where this command
+    started Ray it then stops it, and the HAProxy it started, which lives outside the process group.
+    """
+    import ray
+    from ray import serve
+
+    drain = threading.Thread(target=serve.shutdown if started_ray else serve.delete,
+                             args=() if started_ray else (app_name,), daemon=True)
+    drain.start()
+    deadline = time.monotonic() + timeout_s
+    while drain.is_alive() and time.monotonic() < deadline and all(_running(p) for p in ray_processes):
+        drain.join(0.1)
+    if drain.is_alive():
+        reason = "Ray's own processes were stopped" if time.monotonic() < deadline else f"not done in {timeout_s:.0f} s"
+        print(f"ragft serve: Serve could not drain ({reason}); stopping Ray", flush=True)
+    if started_ray:
+        ray.shutdown()
+    if haproxy is not None:
+        haproxy.stop()
+
+
+def _own_ray_processes() -> list:
+    """The embedded Ray's own processes (GCS, raylet, dashboard, monitors: this process's children, in its
+    process group). One of them gone means a signal reached the group and Ray is going down."""
+    import psutil
+
+    return psutil.Process().children()
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def serve_env(haproxy: bool) -> dict[str, str]:

