@@ -68,8 +68,7 @@ END_OF_TURN = "<|end|>"  # closes every turn of ragft's chat template; a chat mo
 GREEDY_BELOW = 1e-5  # temperatures under this are argmax: logits / T would overflow long before T reaches 0
 # Prompt tokens one step prefills (rows x padded length). Lower: a running stream pauses less at a step that
 # prefills, and fewer prompts are padded to the longest one; higher: a burst joins in fewer steps (and cache
-# merges), which a GPU prefills about as fast in one forward. SmolLM2 on 2 CPU cores, 32 clients with RAG
-# prompts: 1024 and 2048 13.9 tokens/s, 4096 12.0, no budget 12.1.
+# merges), which a GPU prefills about as fast in one forward. The figures behind it are in the README.
 MAX_PREFILL_TOKENS = 2048  # about 7 RAG prompts of 300 tokens
 
 
@@ -103,11 +102,42 @@ class Delta:
     timed_out: bool = False
 
 
+class Batch(abc.ABC):
+    """A continuous batch: requests join with `add` at any time (from any thread); each `step` decodes one
+    token for every running request, prefilling those that joined. The Generator deployment drives one."""
+
+    @abc.abstractmethod
+    def add(self, key, request: GenerationRequest) -> None:
+        """Queue `request` (validated now: ValueError) to join at the next step; its Deltas come back under `key`."""
+
+    @property
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """Whether any request is waiting or running."""
+
+    @abc.abstractmethod
+    def step(self) -> dict:
+        """{key: Delta} for the requests that produced text or finished in this step; each request gets exactly
+        one Delta with finish_reason set, and none after it."""
+
+
 class Engine(abc.ABC):
-    """What the Generator deployment needs; a vLLM engine for GPU clusters would implement the same."""
+    """What the Generator deployment (`open_batch`) and evaluation (`generate`, `score`) call: the contract a
+    second backend, such as vLLM's engine on GPU clusters, implements. Sampling, adapter (the request's
+    `model`), seed, stop strings and deadline travel in each `GenerationRequest`."""
 
     models: list[str]  # model names a request may name
     context_length: int  # max prompt + completion tokens
+
+    @abc.abstractmethod
+    def open_batch(self, max_rows: Optional[int] = None) -> Batch:
+        """A continuous batch of at most `max_rows` running requests (None: as many as the engine allows)."""
+
+    @abc.abstractmethod
+    def score(self, model: str, input_ids: Sequence[Sequence[int]],
+              labels: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
+        """Teacher-forced negative log-likelihood of each sequence's labelled tokens (-100 elsewhere), as
+        (sum, count): how evaluation scores reference answers."""
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
@@ -562,7 +592,7 @@ class TransformersEngine(Engine):
             yield [out.get(i) for i in range(n)]
 
 
-class RunningBatch:
+class RunningBatch(Batch):
     """Continuous batching: requests `add`ed at any time (from any thread) join the decoding rows at the
     next `step`, which decodes every running row once and prefills the waiting requests that fit the
     engine's `max_prefill_tokens` (the others at the steps after, in arrival order). With `max_rows`,
