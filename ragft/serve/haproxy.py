@@ -10,14 +10,13 @@ reaches it; when Ray's own processes die first it is orphaned and keeps the API 
 `Private` gives one instance its own folder and free side ports. It points Ray at a small wrapper
 script as the HAProxy binary. Before each start or reload, the wrapper rewrites the two side-port
 binds of the rendered config to 127.0.0.1. Every HAProxy process of the instance names a file in that
-folder on its command line, which is how `Private.stop` finds and ends them.
+folder on its command line, which is how `Private.processes` finds them for `Private.stop`.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -82,40 +81,40 @@ class Private:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.metrics_port),
         }
 
-    def pids(self) -> list[int]:
+    def processes(self) -> list:
         """The HAProxy processes serving this instance (any generation of reloads)."""
-        found, mine = [], str(self.folder).encode() + b"/"
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
-            if any(arg.startswith(mine) for arg in argv):  # Ray keeps the config in a sub-folder of ours
-                found.append(int(entry.name))
+        import psutil
+
+        mine = str(self.folder) + "/"
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            # Ray keeps the config in a sub-folder of ours; a process gone meanwhile has no cmdline
+            if any(arg.startswith(mine) for arg in process.info["cmdline"] or ()):
+                found.append(process)
         return found
 
     def stop(self, grace_s: float = 3.0) -> None:
         """End this instance's HAProxy processes (SIGTERM, then SIGKILL after `grace_s`) and remove its folder."""
-        pids = self.pids()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+        import psutil
+
+        processes = self.processes()
+        for send in (psutil.Process.terminate, psutil.Process.kill):
+            for process in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    send(process)
             deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and (pids := [p for p in pids if _alive(p)]):
+            while time.monotonic() < deadline and (processes := [p for p in processes if running(p)]):
                 time.sleep(0.05)
-            if not pids:
+            if not processes:
                 break
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def running(process) -> bool:
+    """Whether a psutil process still runs: a zombie has ended, though its parent has not reaped it yet."""
+    import psutil
+
     try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; its parent has not reaped it yet

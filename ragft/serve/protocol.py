@@ -85,6 +85,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+SCHEMA_REF = "#/components/schemas/{model}"  # where the request models' nested schemas go in /openapi.json
+
+
 def openapi_body(model: type[BaseModel]) -> dict:
     """A route's `openapi_extra` describing its JSON body as `model` (the route reads the raw body itself,
     so that every validation failure gets OpenAI's error shape)."""
@@ -100,8 +103,6 @@ def openapi_components(*models: type[BaseModel]) -> dict:
         found.update(model.model_json_schema(ref_template=SCHEMA_REF).get("$defs", {}))
     return found
 
-
-SCHEMA_REF = "#/components/schemas/{model}"
 
 
 def decode_json(raw: bytes) -> Any:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ragft.serve.haproxy import SIDE_HOST, Private
+from ragft.serve.haproxy import SIDE_HOST, Private, running
 from ragft.serve.spec import ServeSpec
 
 SERVE_INFO = "serve.json"
@@ -101,7 +101,7 @@ def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Pri
                              args=() if started_ray else (app_name,), daemon=True)
     drain.start()
     deadline = time.monotonic() + timeout_s
-    while drain.is_alive() and time.monotonic() < deadline and all(_running(p) for p in ray_processes):
+    while drain.is_alive() and time.monotonic() < deadline and all(running(p) for p in ray_processes):
         drain.join(0.1)
     if drain.is_alive():
         reason = "Ray's own processes were stopped" if time.monotonic() < deadline else f"not done in {timeout_s:.0f} s"
@@ -118,15 +118,6 @@ def _own_ray_processes() -> list:
     import psutil
 
     return psutil.Process().children()
-
-
-def _running(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def serve_env(haproxy: bool) -> dict[str, str]:
