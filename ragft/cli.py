@@ -8,51 +8,30 @@
   ragft data raft → ragft.data.raft_job.validate_raft → run_raft → RAFT chat rows (JSONL)
   ragft demo   → ragft.demo.run_demo: train → index → RAFT → eval on the original and the updated corpus
   ragft registry list [registry.path=...] → ragft.registry.table
-Exit codes: 0 done; 2 bad config or bad input (nothing started); 1 the job failed; 130 interrupted.
+Exit codes (ragft/exit_codes.py): 0 done; 2 bad config or bad input (nothing started); 1 the job failed;
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ragft.config.compose import CONF_DIR, register_resolvers
 from ragft.config.schema import register_configs
+from ragft.exit_codes import run_command
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("train", "index", "search", "serve", "eval", "data", "demo", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
-_COMPOSE_LOCK = threading.Lock()
 
 
-def _guarded(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> None:
-    """Run a command body and map what it raises to an exit code and one message on stderr."""
-    from ragft.config.spec import ConfigError
-    from ragft.data.rows import BadRowError
-    from ragft.data.tokenize import ChatTemplateError
-
+def _run(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> None:
     global _exit_code
-    try:
-        body()
-    except ConfigError as err:
-        print(f"ragft {command}: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
-              file=sys.stderr)
-        _exit_code = 2
-    except (BadRowError, ChatTemplateError) as err:
-        print(f"ragft {command}: bad input, nothing was started:\n  {err}{bad_input_hint}", file=sys.stderr)
-        _exit_code = 2
-    except Exception as err:
-        code = getattr(err, "exit_code", 1)  # e.g. train's Interrupted: 130, with its resume command
-        print(f"ragft {command}: {err}" if code != 1 else f"ragft {command}: the job failed: {err}\n  logs: {logs}",
-              file=sys.stderr)
-        _exit_code = code
-    else:
-        _exit_code = 0
+    _exit_code = run_command(command, body, logs, bad_input_hint)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -71,7 +50,7 @@ def train(cfg: DictConfig) -> None:
         else:
             run(spec)
 
-    _guarded("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
+    _run("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
@@ -81,7 +60,7 @@ def index(cfg: DictConfig) -> None:
 
         run_index(validate_index(cfg))
 
-    _guarded("index", body, cfg.out_dir, "\n  (corpus.on_bad_row=skip skips bad rows and counts them)")
+    _run("index", body, cfg.out_dir, "\n  (corpus.on_bad_row=skip skips bad rows and counts them)")
 
 
 # search only reads: no run folder, no log file, and nothing but hits on stdout (JSON lines).
@@ -102,7 +81,7 @@ def search(cfg: DictConfig) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             hits.extend(run_search(validate_index(cfg, command="search")))
 
-    _guarded("search", body, "stderr")
+    _run("search", body, "stderr")
     for hit in hits:
         print(json.dumps(hit.to_json(), ensure_ascii=False), flush=True)
 
@@ -115,7 +94,7 @@ def serve(cfg: DictConfig) -> None:
 
         run_serve(validate_serve(cfg))
 
-    _guarded("serve", body, cfg.out_dir)
+    _run("serve", body, cfg.out_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
@@ -126,7 +105,7 @@ def eval_(cfg: DictConfig) -> None:
 
         run_eval(validate_eval(cfg))
 
-    _guarded("eval", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
+    _run("eval", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="raft")
@@ -136,7 +115,7 @@ def data_raft(cfg: DictConfig) -> None:
 
         run_raft(validate_raft(cfg))
 
-    _guarded("data raft", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
+    _run("data raft", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
@@ -146,7 +125,7 @@ def demo(cfg: DictConfig) -> None:
 
         run_demo(cfg)
 
-    _guarded("demo", body, cfg.out_dir)
+    _run("demo", body, cfg.out_dir)
 
 
 def registry_command(args: list[str]) -> int:
@@ -166,37 +145,6 @@ def registry_command(args: list[str]) -> int:
         return 2
     print(registry.table(path))
     return 0
-
-
-def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """conf/<config_name>.yaml composed with `overrides` exactly as `ragft <command>` would, outside a
-    Hydra app: for the Ray-less launcher, tests and benchmarks."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    with _COMPOSE_LOCK:  # Hydra's config store and GlobalHydra are process-wide: one composition at a time
-        register_configs()
-        register_resolvers()
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
-
-
-def register_resolvers() -> None:
-    from ragft.sample import sample_path
-
-    if not OmegaConf.has_resolver("sample"):
-        OmegaConf.register_new_resolver("sample", sample_path)
-    if not OmegaConf.has_resolver("slurm_minutes"):  # submitit's timeout_min from cluster.time
-        from ragft.slurm import time_minutes
-
-        OmegaConf.register_new_resolver("slurm_minutes", time_minutes)
-    if not OmegaConf.has_resolver("package_file"):  # model/smollm2.yaml: the GGUF inside a PyPI package
-        from ragft.model.gguf import package_file
-
-        OmegaConf.register_new_resolver("package_file", package_file)
-    if not OmegaConf.has_resolver("mul"):  # cluster/slurm.yaml: num_workers = nodes × gpus_per_node
-        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
 def main() -> None:

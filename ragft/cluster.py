@@ -10,8 +10,8 @@ import os
 
 
 # Read by the processes the embedded Ray starts, which inherit this one's environment. Ray Train's controller
-# polls its workers every 2 s: a short job waits up to that to start and again to end (~4 s a run measured
-# on 2 cores); polling local workers more often is cheap. A cluster keeps its own setting.
+# polls its workers every 2 s: a short job waits up to that to start and again to end; polling local workers
+# more often is cheap. A cluster keeps its own setting.
 EMBEDDED_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 

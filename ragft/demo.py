@@ -12,13 +12,15 @@ commands call, in this one process and on one embedded Ray. Nothing here trains 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ragft.cli import compose_config
+from ragft.config.compose import compose_config
 from ragft.config.schema import DemoJobConfig
+from ragft.jsonl import append_jsonl
 
 
 def run_demo(cfg: DictConfig, progress=print) -> dict:
@@ -119,10 +121,8 @@ def mix_training_rows(raft_path: Path, reading_rows: int, folder: Path, progress
     from ragft.sample.generate import reading_practice
 
     mixed = folder / "train.jsonl"
-    with open(mixed, "w", encoding="utf-8") as fh:
-        fh.write(raft_path.read_text(encoding="utf-8"))
-        for row in reading_practice(reading_rows):
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    shutil.copyfile(raft_path, mixed)
+    append_jsonl(mixed, reading_practice(reading_rows))
     progress(f"training rows: {raft_path.name} + {reading_rows} reading-practice rows → {mixed}")
     return mixed
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-DEFAULT_PATH = "runs/registry.jsonl"
-
+from ragft.jsonl import append_jsonl
 
 class RegistryError(LookupError):
     """`best` or `latest` named a checkpoint the registry cannot provide."""
@@ -51,10 +50,7 @@ def record(path: str | Path, checkpoint: str | Path, *, metrics: Optional[dict] 
              "metrics": metrics or {}, "links": links or {}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: a line is never split by another run's
-        f.write(json.dumps(event, sort_keys=True) + "\n")
-        f.flush()
+    append_jsonl(path, [event], lock=True, sort_keys=True)  # runs register concurrently
     return event
 
 

@@ -8,12 +8,28 @@ it), and tests that change an index work on a copy of it.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# tests/kernels run Triton kernels on CPU tensors in Triton's interpreter, which has to be on when triton is
+# first imported (transformers' Llama module imports it): import it here in that mode, then restore the
+# environment so subprocesses (Ray workers, engines) see none of it. ragft's kernels take their torch path
+# unless a test sets TRITON_INTERPRET=1 (tests/kernels/conftest.py).
+_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    importlib.import_module("triton.language")
+except ImportError:  # no triton: the kernel tests run their torch paths only
+    pass
+finally:
+    if _interpret is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret
 
 import json
 import shutil
@@ -23,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from helpers.serve_models import build_lora_adapter, build_tiny_base
-from ragft.cli import compose_config
+from ragft.config.compose import compose_config
 from ragft.index.embed import DEFAULT_MODEL, Embedder
 from ragft.index.spec import validate_index
 from ragft.index.update import update_index

@@ -84,7 +84,7 @@ PINNED = {"ft_unchanged_em": 0.80, "ft_changed_stale": 0.80, "ft_rag_changed_em"
 
 
 def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.config.spec import ConfigError
     from ragft.demo import run_demo
 
@@ -97,7 +97,7 @@ def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
 
 
 def test_a_model_without_a_recipe_is_refused_before_anything_runs(tmp_path):
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.config.spec import ConfigError
     from ragft.demo import run_demo
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from helpers.net import free_port
-from ragft.cli import compose_config
+from ragft.config.compose import compose_config
 from ragft.config.schema import RagConfig
 from ragft.config.spec import validate_train
 from ragft.index.index import Hit
@@ -117,6 +117,72 @@ def server(trained, sample_index, tmp_path_factory):
         yield openai.OpenAI(base_url=info["url"], api_key="unused", max_retries=0, timeout=120)
     finally:
         serve.shutdown()
+
+
+MC = [  # general knowledge a 135M instruct model partly has: accuracy between chance and 1 makes the comparison bite
+    ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"], 0),
+    ("How many legs does a spider have?", ["six", "eight", "ten", "four"], 1),
+    ("Which planet is closest to the Sun?", ["Venus", "Earth", "Mercury", "Mars"], 2),
+    ("What do bees make?", ["milk", "silk", "wax paper", "honey"], 3),
+    ("What is frozen water called?", ["ice", "steam", "salt", "sand"], 0),
+    ("Which animal is known as the king of the jungle?", ["the mouse", "the lion", "the cow", "the owl"], 1),
+    ("What colour is the sky on a clear day?", ["green", "red", "blue", "black"], 2),
+    ("How many days are there in a week?", ["five", "six", "ten", "seven"], 3),
+    ("Which gas do plants take in from the air?", ["carbon dioxide", "helium", "neon", "argon"], 0),
+    ("What is the largest ocean on Earth?", ["the Arctic", "the Pacific", "the Indian", "the Atlantic"], 1),
+    ("Who wrote Romeo and Juliet?", ["Charles Dickens", "Jane Austen", "William Shakespeare", "Mark Twain"], 2),
+    ("What is 7 times 8?", ["54", "48", "64", "56"], 3),
+]
+
+
+def lm_eval_task(folder: Path, kind: str) -> dict:
+    """An lm-eval task config over MC from a local file (no hub): "mc" scores the choices (loglikelihood), "gen"
+    asks for the answer (generate_until)."""
+    data = folder / "mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a, "target": c[a]}) + "\n"
+                            for q, c, a in MC))
+    common = {"task": f"ragft_{kind}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test"}
+    if kind == "mc":
+        return {**common, "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+                "doc_to_choice": "{{choices}}", "doc_to_target": "answer", "metric_list": [{"metric": "acc"}]}
+    return {**common, "output_type": "generate_until", "doc_to_text": "{{question}} Answer in a few words.",
+            "doc_to_target": "target", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+            "metric_list": [{"metric": "exact_match"}]}
+
+
+def test_lm_eval_harness_against_the_server_equals_its_hf_backend(server, trained, tmp_path):
+    """lm-eval 0.4.13's own clients: `local-completions` scores the multiple-choice task through token-id prompts
+    with echo and logprobs, and must reach the accuracy of lm-eval's `hf` backend on the same weights, each
+    choice's log-likelihood within 0.05 (the server may run bf16 where the CPU has it: the hf run uses the same
+    dtype); `local-chat-completions` runs the generation task to the end."""
+    from lm_eval import simple_evaluate
+
+    from ragft.model.precision import auto_dtype
+
+    base = json.loads((Path(trained["final_checkpoint"]) / "manifest.json").read_text())["model"]["source"]
+    mc = lm_eval_task(tmp_path, "mc")
+    url = str(server.base_url).rstrip("/")
+    served = simple_evaluate(
+        model="local-completions", tasks=[mc],
+        model_args=f"model=base,base_url={url}/completions,tokenizer_backend=huggingface,tokenizer={base},"
+                   "num_concurrent=1,max_retries=1")
+    dtype = str(auto_dtype("cpu")).removeprefix("torch.")
+    reference = simple_evaluate(model="hf", tasks=[mc],
+                                model_args=f"pretrained={base},dtype={dtype},device=cpu", batch_size=4)
+    accuracy = served["results"]["ragft_mc"]["acc,none"]
+    assert accuracy == reference["results"]["ragft_mc"]["acc,none"], (served["results"], reference["results"])
+    assert 0.25 < accuracy  # better than chance: the weights and the scoring are the real ones
+    by_doc = {s["doc_id"]: s for s in reference["samples"]["ragft_mc"]}
+    for sample in served["samples"]["ragft_mc"]:
+        got = [r[0] for r in sample["filtered_resps"]]
+        want = [r[0] for r in by_doc[sample["doc_id"]]["filtered_resps"]]
+        assert got == pytest.approx(want, abs=0.05), sample["doc"]["question"]
+    generated = simple_evaluate(
+        model="local-chat-completions", tasks=[lm_eval_task(tmp_path, "gen")], apply_chat_template=True,
+        model_args=f"model=base,base_url={url}/chat/completions,num_concurrent=1,max_retries=1")
+    assert 0 <= generated["results"]["ragft_gen"]["exact_match,none"] <= 1
+    assert len(generated["samples"]["ragft_gen"]) == len(MC)
 
 
 def test_served_chat_uses_the_chatml_template_stops_at_eos_and_cites(server, trained, corpus):

@@ -58,7 +58,7 @@ class RayTuneLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from ragft import cli
+        from ragft.exit_codes import run_command
         from ragft.sweep import tune
 
         assert self.config is not None and self.hydra_context is not None
@@ -84,9 +84,9 @@ class RayTuneLauncher(Launcher):
 
         # The exit status and the message on stderr of `ragft train`, as its task function sets them for
         # each job of the other launchers (which call it; this one runs trials remotely instead).
-        cli._guarded("train", body, sweep_dir)
+        code = run_command("train", body, sweep_dir)
         if not outcomes:  # nothing ran: a bad config (2, every problem listed) or Ray/Tune failed to start (1)
-            sys.exit(cli._exit_code)
+            sys.exit(code)
         returns = []
         for job, outcome in zip(jobs, outcomes):
             ret = self._job_return(job, outcome)

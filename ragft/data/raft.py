@@ -24,7 +24,6 @@ copy), so the output does not depend on the order of the questions or on the mac
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -36,6 +35,7 @@ from typing import Sequence
 from ragft.config.schema import RaftConfig, RagConfig
 from ragft.eval.questions import Question
 from ragft.index.index import Hit, Index
+from ragft.jsonl import write_jsonl
 from ragft.rag import rag_messages
 
 log = logging.getLogger(__name__)
@@ -201,9 +201,4 @@ def _sample_in_order(rng: random.Random, pool: list[Hit], n: int) -> list[Hit]:
 def write_raft(rows: Sequence[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # a reader never sees half a file
-    return path
+    return write_jsonl(path, rows, atomic=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ragft.config.schema import RaftJobConfig
-from ragft.config.spec import ConfigError, job_of
+from ragft.config.spec import ConfigError, typed_job_config
 from ragft.data.rows import ON_BAD_ROW
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
@@ -27,7 +27,7 @@ class RaftSpec:
 
 
 def validate_raft(cfg: DictConfig) -> RaftSpec:
-    job: RaftJobConfig = job_of(cfg)
+    job: RaftJobConfig = typed_job_config(cfg)
     r, problems = job.raft, []
     if not Path(job.qa.path).is_file():
         problems.append(f"qa.path={job.qa.path} does not exist")

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from ragft.eval.metrics import finite
+
 SENTENCE_GAP = 0.10  # contains - exact match at or above this: the system answers in sentences
 PERPLEXITY_RATIO = 1.1  # one perplexity at least 10% below the other favours that system
 _PPL_MARGIN = f"{PERPLEXITY_RATIO - 1:.0%}"
@@ -108,7 +110,7 @@ def compare(table: dict, a: str, b: str) -> Optional[Comparison]:
         said = _evidence(other, ra, rb)
         if said.sign != headline.sign:  # agreeing rates add nothing to the headline
             evidence.append(said)
-    if _finite(ra.get("perplexity")) is not None and _finite(rb.get("perplexity")) is not None:
+    if finite(ra.get("perplexity")) is not None and finite(rb.get("perplexity")) is not None:
         evidence.append(_evidence("perplexity", ra, rb))
     return Comparison(a, b, headline, tuple(evidence))
 
@@ -178,13 +180,7 @@ def _sign(a: float, b: float) -> int:
 
 
 def _rate(row: dict, metric: str) -> Optional[float]:
-    return _finite(row.get(metric))
-
-
-def _finite(value) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
+    return finite(row.get(metric))
 
 
 def _value(metric: str, value: float) -> str:

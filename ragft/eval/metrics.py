@@ -11,6 +11,7 @@ documents neither help nor hurt retrieval scores.
 from __future__ import annotations
 
 import math
+
 import re
 import string
 import unicodedata
@@ -119,29 +120,14 @@ def citation_accuracy(cited_doc_ids: Sequence[str], gold: Sequence[str]) -> floa
     return sum(doc_id in wanted for doc_id in cited_doc_ids) / len(cited_doc_ids)
 
 
-def percentile(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (0..100) of `values`, interpolated linearly between the two nearest
-    ranks: numpy.percentile's default ("linear") method, without numpy."""
-    ordered = sorted(values)
-    if not ordered:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile q must be within 0..100, got {q}")
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def mean(values: Iterable[float | None]) -> float | None:
     """Arithmetic mean of the values that are not None; None when no value is left."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 
 
-def aggregate(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """Mean of each metric over the rows (one row per question), ignoring None and missing values.
-
-    Keys come in the order they first appear; a metric that is None in every row stays None.
-    """
-    keys = _distinct(key for row in rows for key in row)
-    return {key: mean(row.get(key) for row in rows) for key in keys}
+def finite(value) -> float | None:
+    """`value` if it is a finite number (not a bool), else None: what a report may compare, rank or plot."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value

@@ -14,7 +14,8 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Optional
+
+from ragft.eval.metrics import finite
 
 SPLITS = ("all", "unchanged", "changed")  # report order; a split the result lacks is skipped
 COLUMNS = ("exact_match", "token_f1", "contains", "stale", "perplexity", "recall_at_k", "mrr",
@@ -58,12 +59,12 @@ def log_to_wandb(result: dict, run) -> None:
     for split in _splits(result):
         table = result["metrics"][split]
         metrics = _metric_keys(table)
-        rows = [[system, *(_finite(table.get(system, {}).get(m)) for m in metrics)] for system in _systems(result)]
+        rows = [[system, *(finite(table.get(system, {}).get(m)) for m in metrics)] for system in _systems(result)]
         logged[f"metrics/{split}"] = wandb.Table(columns=["system", *metrics], data=rows)
         suffix = "" if split == "all" else f"@{split}"
         for system in _systems(result):
             for metric, value in table.get(system, {}).items():
-                if _finite(value) is not None:
+                if finite(value) is not None:
                     run.summary[f"{system}.{metric}{suffix}"] = value
     logged["report/chart"] = wandb.Image(Image.open(io.BytesIO(render_png(result))), caption="exact match by split")
     logged["report/disagreements"] = _disagreement_table(result)
@@ -81,7 +82,7 @@ def best_per_metric(table: dict[str, dict[str, float | None]]) -> dict[str, set[
     best: dict[str, set[str]] = {}
     metrics = {m for row in table.values() for m in row if m in HIGHER_IS_BETTER | LOWER_IS_BETTER}
     for metric in metrics:
-        values = {s: v for s, row in table.items() if (v := _finite(row.get(metric))) is not None}
+        values = {s: v for s, row in table.items() if (v := finite(row.get(metric))) is not None}
         if not values:
             continue
         top = (max if metric in HIGHER_IS_BETTER else min)(values.values())
@@ -122,7 +123,7 @@ def render_png(result: dict) -> bytes:
     width = 0.8 / max(1, len(systems))
     for ax, metric in zip(fig.subplots(1, 2), ("exact_match", second)):
         for i, system in enumerate(systems):
-            values = [_finite(result["metrics"][s].get(system, {}).get(metric)) for s in splits]
+            values = [finite(result["metrics"][s].get(system, {}).get(metric)) for s in splits]
             xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(splits))]
             bars = ax.bar(xs, [math.nan if v is None else v for v in values], width, label=system,
                           color=COLORS.get(system, f"C{4 + i}"))
@@ -142,7 +143,7 @@ def render_png(result: dict) -> bytes:
 
 def _metrics_table(result: dict, split: str) -> list[str]:
     table, systems = result["metrics"][split], _systems(result)
-    columns = [m for m in COLUMNS if any(_finite(table.get(s, {}).get(m)) is not None for s in systems)]
+    columns = [m for m in COLUMNS if any(finite(table.get(s, {}).get(m)) is not None for s in systems)]
     if not columns:
         return ["no scores"]
     best = best_per_metric({s: table.get(s, {}) for s in systems})
@@ -199,7 +200,7 @@ def _all_disagreements(result: dict) -> list[dict]:
     systems = _systems(result)
     found = []
     for q in result.get("questions", []):
-        scores = {_finite((q.get("answers", {}).get(s) or {}).get("exact_match")) for s in systems} - {None}
+        scores = {finite((q.get("answers", {}).get(s) or {}).get("exact_match")) for s in systems} - {None}
         if len(scores) > 1:
             found.append(q)
     return [q for q in found if q.get("changed") is True] + [q for q in found if q.get("changed") is not True]
@@ -223,15 +224,8 @@ def _metric_keys(table: dict) -> list[str]:
 
 
 def _any_value(result: dict, metric: str) -> bool:
-    return any(_finite(row.get(metric)) is not None for table in result.get("metrics", {}).values()
+    return any(finite(row.get(metric)) is not None for table in result.get("metrics", {}).values()
                for row in table.values())
-
-
-def _finite(value) -> Optional[float]:
-    """A number to compare or plot, or None (missing, None, NaN, infinite, or not a number at all)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
 
 
 def _format(metric: str, value) -> str:
@@ -259,7 +253,7 @@ def _meta_value(value) -> str:
 
 
 def _mark(exact_match) -> str:
-    score = _finite(exact_match)
+    score = finite(exact_match)
     return "?" if score is None else ("✓" if score >= 1 else "✗")
 
 

@@ -11,6 +11,7 @@ any actor starts, so which actor runs a batch changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from ragft import registry
 from ragft.data.rows import Example
 from ragft.data.tokenize import encode
@@ -28,6 +31,7 @@ from ragft.eval.conclusions import conclusions
 from ragft.eval.questions import Question, read_questions
 from ragft.eval.spec import EvalSpec
 from ragft.eval.worker import Answer, EvalWorker, Item
+from ragft.model.build import context_length
 from ragft.rag import prompt_ids, rag_messages
 
 log = logging.getLogger(__name__)
@@ -100,7 +104,7 @@ def make_batches(spec: EvalSpec, cases: Sequence[Case], hits: Sequence[list]) ->
     from ragft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(spec.base)
-    context = _context_length(spec.base)
+    context = context_length(spec.base)
     batches = []
     for system in spec.systems:
         items = []
@@ -119,12 +123,6 @@ def make_batches(spec: EvalSpec, cases: Sequence[Case], hits: Sequence[list]) ->
     return batches
 
 
-def _context_length(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_path).get_text_config(decoder=True).max_position_embeddings
-
-
 def run_batches(spec: EvalSpec, batches: list[list[Item]], progress) -> dict[str, Answer]:
     """Every batch through `eval.num_workers` Ray actors; answers by item key."""
     import ray
@@ -136,7 +134,8 @@ def run_batches(spec: EvalSpec, batches: list[list[Item]], progress) -> dict[str
     init_ray(spec.cluster.address if spec.cluster.name == "ray" else None, e.num_workers * e.cpus_per_worker)
     actor = ray.remote(num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)(EvalWorker)
     workers = [actor.remote(spec.base, spec.checkpoint, spec.ft_kind, device="cuda" if e.use_gpu else "cpu",
-                            threads=0 if e.use_gpu else e.cpus_per_worker, max_tokens=e.max_tokens)
+                            threads=0 if e.use_gpu else e.cpus_per_worker, max_tokens=e.max_tokens,
+                            engine=e.engine, vllm=dataclasses.asdict(e.vllm))
                for _ in range(min(e.num_workers, len(batches)))]
     answers: dict[str, Answer] = {}
     start = time.time()
@@ -173,7 +172,7 @@ def aggregate_system(rows: list[dict], retrieval: list[dict] | None) -> dict:
     for name in ("recall_at_k", "mrr", "citation_accuracy"):
         out[name] = m.mean(r[name] for r in retrieval) if retrieval else None
     out["latency_mean_s"] = m.mean(latencies)
-    out["latency_p95_s"] = m.percentile(latencies, 95) if latencies else None
+    out["latency_p95_s"] = float(np.percentile(latencies, 95)) if latencies else None
     out["tokens_mean"] = m.mean(r["tokens"] for r in rows)
     out["tokens_total"] = sum(r["tokens"] for r in rows)
     return out

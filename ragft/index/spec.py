@@ -15,7 +15,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
-from ragft.config.spec import ConfigError, job_of
+from ragft.config.spec import ConfigError, cuda_available, typed_job_config
 from ragft.index.documents import JSONL_SUFFIXES
 from ragft.index.store import KINDS, StoreParams
 from ragft.index.versions import is_index
@@ -53,7 +53,7 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
     """Check a composed `ragft index` (or `ragft search`) config; raise ConfigError with every problem."""
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
-    job: IndexJobConfig = job_of(cfg)
+    job: IndexJobConfig = typed_job_config(cfg)
 
     c, i, r = job.corpus, job.index, job.retrieval
     if i.path is None:
@@ -95,7 +95,7 @@ def validate_index(cfg: DictConfig, command: str = "index") -> IndexSpec:
             problems.append(f"index.{name}={getattr(i, name)} must be at least 0")
     if i.device not in DEVICES:
         problems.append(f"index.device={i.device!r} is not one of {', '.join(DEVICES)}")
-    if command == "index" and (i.device == "cuda" or (i.use_gpu and not i.ray_address)) and not _cuda_available():
+    if command == "index" and (i.device == "cuda" or (i.use_gpu and not i.ray_address)) and not cuda_available():
         key = "index.device=cuda" if i.device == "cuda" else "index.use_gpu=true"
         problems.append(f"{key} but no CUDA GPU is visible on this machine")
 
@@ -181,13 +181,3 @@ def _looks_like_path(name: str) -> bool:
 
 def _visible_entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not p.name.startswith(".")]
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -6,10 +6,9 @@ Kinds:
         removal, so an update edits a copy of the previous version's index in place.
   hnsw  IndexIDMap2 over IndexHNSWFlat. Fast and accurate, but FAISS cannot remove from an HNSW
         graph, so every update rebuilds it from the stored vectors.
-`auto` picks flat up to `flat_max_chunks` (30k) and IVF above. Measured by launch/bench_index.py on
-2 cores, single queries, 384-d: flat p99 0.7 ms at 10k, 6 ms at 30k, 11 ms at 50k, 23 ms at 100k.
-At 100k IVF (nprobe 128) answers in p99 1.2 ms with recall@10 0.99 against flat, HNSW (efSearch
-256) in 1.4 ms with 0.98 but builds 2.5x slower and cannot remove: IVF is the better default.
+`auto` picks flat up to `flat_max_chunks` and IVF above: flat search grows linearly with the index, IVF
+keeps recall close to flat's at a fraction of the latency, and HNSW builds slower and cannot remove
+vectors, which live updates need. launch/bench_index.py measures all three (figures in the README).
 
 The int ids are assigned by ragft.index.update and never reused; chunks.jsonl maps them to
 chunk ids, so removing a document is `remove_ids` of its chunks' ids.
@@ -142,17 +141,3 @@ def load(path: str, params: StoreParams):
     index = faiss.read_index(path)
     configure(index, params)
     return index
-
-
-def ids_of(index) -> np.ndarray:
-    """Every id the index holds (for checks: ids in the store must equal ids in chunks.jsonl)."""
-    import faiss
-
-    if isinstance(index, faiss.IndexIDMap):
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    if isinstance(index, faiss.IndexIVF):
-        invlists = index.invlists
-        out = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
-               for i in range(index.nlist) if invlists.list_size(i)]
-        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
-    raise TypeError(f"cannot list the ids of {type(index).__name__}")

@@ -19,6 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ragft.jsonl import write_jsonl
+
 DOCUMENTS = "documents.jsonl"
 CHUNKS = "chunks.jsonl"
 VECTORS = "vectors.npy"
@@ -56,11 +58,9 @@ class ChunkTable:
 
 
 def write_chunks(path: Path, table: ChunkTable) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(len(table)):
-            f.write(json.dumps({"id": int(table.ids[i]), "chunk_id": table.chunk_ids[i], "doc_id": table.doc_ids[i],
-                                "start": table.starts[i], "end": table.ends[i], "text": table.texts[i]},
-                               ensure_ascii=False) + "\n")
+    write_jsonl(path, ({"id": int(table.ids[i]), "chunk_id": table.chunk_ids[i], "doc_id": table.doc_ids[i],
+                        "start": table.starts[i], "end": table.ends[i], "text": table.texts[i]}
+                       for i in range(len(table))))
 
 
 def read_chunks(path: Path) -> ChunkTable:
@@ -80,9 +80,7 @@ def read_chunks(path: Path) -> ChunkTable:
 
 
 def write_documents(path: Path, records: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_jsonl(path, records)
 
 
 def read_documents(path: Path) -> list[dict]:

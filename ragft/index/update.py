@@ -29,7 +29,8 @@ from ragft.config.spec import ConfigError
 from ragft.index import store, tables, versions
 from ragft.index.chunking import Chunker, hf_token_offsets, passage
 from ragft.index.documents import Document, read_documents
-from ragft.index.embed import Embedder, embed_texts, load_tokenizer
+from ragft.index.embed import Embedder, load_embedding_tokenizer
+from ragft.index.embed_jobs import embed_texts
 from ragft.index.spec import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def update_index(spec: IndexSpec, embedder: Embedder | None = None,
         kept_rows = [r for r, doc in enumerate(prev.chunks.doc_ids) if doc not in gone] if prev else []
         kept = prev.chunks.take(kept_rows) if prev else tables.ChunkTable.empty()
         to_embed = added + changed
-        chunker = Chunker(hf_token_offsets(load_tokenizer(spec.index.embedding_model)), spec.index.chunk_tokens,
+        chunker = Chunker(hf_token_offsets(load_embedding_tokenizer(spec.index.embedding_model)), spec.index.chunk_tokens,
                           spec.index.chunk_overlap) if to_embed else None
         new_chunks = chunker.chunk_many([(d.id, d.text) for d in to_embed]) if chunker else []
         next_id = prev.manifest["next_id"] if prev else 0

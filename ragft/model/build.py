@@ -54,6 +54,14 @@ def materialize_tiny(model: ModelConfig, corpus_paths: list[str], cache_dir: str
     return dest
 
 
+def context_length(source: str) -> int:
+    """The most tokens (prompt + completion) the model at `source` takes: its text config's position limit
+    (a multimodal config nests the text model's)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).get_text_config(decoder=True).max_position_embeddings
+
+
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
     """A tokenizer with a pad token and a chat template (ragft's, when the model ships none)."""
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
@@ -91,6 +99,10 @@ def load_model(
         kwargs["device_map"] = {"": torch.cuda.current_device()} if use_cuda else None
     lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     lm.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if model.kernels != "none":
+        from ragft.kernels.llama import apply_kernels
+
+        apply_kernels(lm, model.kernels)
     if model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.name == "qlora":
@@ -121,6 +133,16 @@ def module_names(source: str, model: ModelConfig) -> set[str]:
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     return {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules() if name}
+
+
+def model_architecture(model: ModelConfig) -> tuple[str, str]:
+    """(model_type, hidden_act) of the model a config names, from its config alone (tiny: llama, silu)."""
+    if model.source == "tiny":
+        config = LlamaConfig()
+    else:
+        config = AutoConfig.from_pretrained(model.source, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code).get_text_config(decoder=True)
+    return config.model_type, getattr(config, "hidden_act", "?")
 
 
 def tiny_module_names(model: ModelConfig) -> set[str]:

@@ -1,4 +1,5 @@
-"""Which float type a device computes fastest in: the one rule behind every `auto` precision and dtype.
+"""Which device and float type `auto` means where a process runs: the one rule behind every `auto` device,
+precision and dtype.
 
 bf16 where the hardware has it: CUDA GPUs from Ampere on, and CPUs with native bf16 matmuls (Intel
 AMX or AVX-512 BF16; oneDNN emulates bf16 elsewhere, slower than fp32). Training, eval and serving
@@ -36,3 +37,13 @@ def auto_dtype(device: str):
 
     fast = cuda_has_bf16() if str(device).startswith("cuda") else cpu_has_bf16()
     return torch.bfloat16 if fast else torch.float32
+
+
+def resolve_device(device: str) -> str:
+    """`device` as given, or for "auto" the CUDA GPU this process sees, else the CPU. Resolved where the work runs
+    (a Ray worker or replica may see another device than the driver)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,10 +27,11 @@ shipped files, so generator and data cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from ragft.jsonl import write_jsonl
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data"
 
@@ -233,7 +234,7 @@ class Ferry:
     facts: dict[str, str] = field(hash=False)  # in ATTRIBUTES order, so rendering is stable
 
 
-class _Fleet:
+class Fleet:
     """Draws ferries and values; a value is never reused for the same attribute, across versions
     (unless `unique=False`: a fleet for reading practice, larger than the value space)."""
 
@@ -261,7 +262,7 @@ class _Fleet:
         return Ferry(f"ferry-{number:04d}", self.names.word(), self.rng.choice(CATEGORIES), facts)
 
 
-def _render(ferry: Ferry, seed: int, revision: int) -> dict:
+def render_document(ferry: Ferry, seed: int, revision: int) -> dict:
     # The layout rng is keyed by document, not by values, so a changed fact rewrites exactly
     # one sentence of v2 and an unchanged ferry renders byte-identical in both versions.
     rng = random.Random(f"{seed}:{ferry.id}")
@@ -342,8 +343,8 @@ def reading_practice(n: int, seed: int = 0, k: int = 3) -> list[dict]:
     from ragft.index.index import Hit
     from ragft.rag import rag_messages
 
-    fleet = _Fleet(READING_FLEET_SEED + seed, unique=False)
-    handbook = _Fleet(seed)
+    fleet = Fleet(READING_FLEET_SEED + seed, unique=False)
+    handbook = Fleet(seed)
     for i in range(1, N_DOCS + N_ADDED + 1):
         handbook.ferry(i)
     fleet.names.used |= handbook.names.used  # no word of the handbook's fleet names anything here
@@ -379,18 +380,11 @@ def reading_practice(n: int, seed: int = 0, k: int = 3) -> list[dict]:
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def generate(out_dir: str | Path, seed: int = 0, docs: int = N_DOCS, reading: int = 0) -> dict[str, Path]:
     """Write the sample files into `out_dir`; returns {file name: path}. `docs` ferries in v1: the first
     ones are the same ferries whatever the number (a smaller handbook is a prefix of the fleet).
     `reading` > 0 also writes reading.jsonl, that many `reading_practice` rows (not shipped: ~0.4 KiB each)."""
-    fleet = _Fleet(seed)
+    fleet = Fleet(seed)
     rng = fleet.rng
     v1 = [fleet.ferry(i) for i in range(1, docs + 1)]
 
@@ -423,10 +417,10 @@ def generate(out_dir: str | Path, seed: int = 0, docs: int = N_DOCS, reading: in
             next_q += 1
 
     revision = {f.id: 2 if f.id in changes else 1 for f in v2}
-    corpus = [_render(f, seed, 1) for f in v1]
+    corpus = [render_document(f, seed, 1) for f in v1]
     files = {
         "corpus.jsonl": corpus,
-        "corpus_v2.jsonl": [_render(f, seed, revision[f.id]) for f in v2],
+        "corpus_v2.jsonl": [render_document(f, seed, revision[f.id]) for f in v2],
         "train.jsonl": _chat_examples(v1, rng),
         "train_text.jsonl": [{"text": d["text"]} for d in corpus],
         "train_prompt.jsonl": _prompt_examples(v1, rng),
@@ -439,7 +433,7 @@ def generate(out_dir: str | Path, seed: int = 0, docs: int = N_DOCS, reading: in
         files["reading.jsonl"] = reading_practice(reading, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {name: _write_jsonl(out / name, rows) for name, rows in files.items()}
+    return {name: write_jsonl(out / name, rows) for name, rows in files.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

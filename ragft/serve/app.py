@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ray.serve import Application
@@ -21,8 +22,10 @@ def build_app(spec: ServeSpec, context_length: int) -> Application:
     s = spec.serve
     engine = dict(base_path=spec.base_path, base_name=spec.base_name, adapters=spec.adapters,
                   full_models=spec.full_models, device=s.device, dtype=s.dtype)
+    if s.engine == "vllm":
+        engine.update(dataclasses.asdict(s.vllm))
     generator = Generator.options(**deployment_options(s.generator)).bind(
-        engine, s.batch.enabled, s.batch.max_batch_size, s.batch.batch_wait_timeout_s)
+        s.engine, engine, s.batch.enabled, s.batch.max_batch_size, s.batch.batch_wait_timeout_s)
     retriever = None
     if spec.index_path:
         retriever = Retriever.options(**deployment_options(s.retriever)).bind(

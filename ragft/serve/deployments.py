@@ -31,8 +31,8 @@ from ragft.index.documents import Document
 from ragft.index.index import Index
 from ragft.index.spec import IndexSpec
 from ragft.index.update import update_index
-from ragft.model.precision import auto_dtype
-from ragft.serve.engine import GenerationRequest, TransformersEngine
+from ragft.model.precision import auto_dtype, resolve_device
+from ragft.serve.engine import Engine, GenerationRequest, TokenLogprob, TransformersEngine
 
 log = logging.getLogger("ray.serve")
 
@@ -99,8 +99,9 @@ class Retriever:
 
 @serve.deployment
 class Generator:
-    def __init__(self, engine_args: dict, batch_enabled: bool, max_batch_size: int, batch_wait_timeout_s: float):
-        self.engine = TransformersEngine(**on_this_node(engine_args))
+    def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float):
+        self.engine = open_engine(engine, on_this_node(engine_args))
         # batching off = one request decoding at a time, through the same code: the benchmark's baseline.
         self._max_rows = max_batch_size if batch_enabled else 1
         self._batch = self.engine.open_batch(self._max_rows)
@@ -113,20 +114,25 @@ class Generator:
         return True
 
     async def complete(self, request: GenerationRequest) -> dict:
-        """The finished completion: {text, completion_tokens, finish_reason, timed_out, generation_s}.
+        """The finished completion: {text, token_ids, completion_tokens, finish_reason, timed_out, generation_s}.
         A plain call, not a stream: a non-streaming client needs one reply, and Ray's streaming
         calls cost more per request."""
-        pieces = []
+        pieces, token_ids = [], []
         async for item in self._items(request):
             pieces.append(item["text"])
+            token_ids.extend(item["token_ids"])
             if item["finish_reason"] is not None:
-                return {**item, "text": "".join(pieces)}
+                return {**item, "text": "".join(pieces), "token_ids": token_ids}
         raise RuntimeError(f"the engine ended request {request.request_id} without a finish reason")
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[dict]:
         """The same items as `complete`, one per new piece of text (call with handle.options(stream=True))."""
         async for item in self._items(request):
             yield item
+
+    async def token_logprobs(self, model: str, token_ids: Sequence[int], start: int, top_k: int) -> list[TokenLogprob]:
+        """`Engine.token_logprobs`, in a thread: it takes the engine's lock between two decode steps."""
+        return await asyncio.to_thread(self.engine.token_logprobs, model, token_ids, start, top_k)
 
     async def _items(self, request: GenerationRequest) -> AsyncIterator[dict]:
         queue = await self._admit(request)
@@ -135,7 +141,7 @@ class Generator:
             delta = await queue.get()
             if isinstance(delta, BaseException):
                 raise delta
-            yield {"text": delta.text, "completion_tokens": delta.completion_tokens,
+            yield {"text": delta.text, "token_ids": list(delta.token_ids), "completion_tokens": delta.completion_tokens,
                    "finish_reason": delta.finish_reason, "timed_out": delta.timed_out,
                    "generation_s": time.perf_counter() - admitted}
             if delta.finish_reason is not None:
@@ -178,9 +184,16 @@ class Generator:
             self._batch = self.engine.open_batch(self._max_rows)
 
 
+def open_engine(kind: str, engine_args: dict) -> Engine:
+    """The engine `serve.engine` names: transformers (ragft's decode loop) or vllm."""
+    if kind == "vllm":
+        from ragft.serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**engine_args)
+    return TransformersEngine(**engine_args)
+
+
 def on_this_node(engine_args: dict) -> dict:
     """Resolve device and dtype "auto" where the replica runs (the driver may have another GPU or CPU, or none)."""
-    device, dtype = engine_args.get("device", "auto"), engine_args.get("dtype", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, dtype = resolve_device(engine_args.get("device", "auto")), engine_args.get("dtype", "auto")
     return {**engine_args, "device": device, "dtype": auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)}

@@ -100,6 +100,19 @@ class Delta:
     completion_tokens: int  # tokens generated so far for this request
     finish_reason: Optional[str]  # None while running; "stop" (EOS or a stop string) or "length"
     timed_out: bool = False
+    # The tokens sampled since the previous Delta, what logprobs are reported for: as in vLLM's answers they
+    # include the end-of-sequence token that stopped the request and a stop string's tokens, whose text is cut.
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of one token given the tokens before it, and the `top` most likely tokens at
+    that position as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Batch(abc.ABC):
@@ -128,6 +141,7 @@ class Engine(abc.ABC):
 
     models: list[str]  # model names a request may name
     context_length: int  # max prompt + completion tokens
+    vocab_size: int  # prompt token ids lie in [0, vocab_size)
 
     @abc.abstractmethod
     def open_batch(self, max_rows: Optional[int] = None) -> Batch:
@@ -138,6 +152,12 @@ class Engine(abc.ABC):
               labels: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
         """Teacher-forced negative log-likelihood of each sequence's labelled tokens (-100 elsewhere), as
         (sum, count): how evaluation scores reference answers."""
+
+    @abc.abstractmethod
+    def token_logprobs(self, model: str, token_ids: Sequence[int], start: int, top_k: int = 0) -> list[TokenLogprob]:
+        """Teacher-forced log-probabilities of `token_ids[start:]` (start >= 1), each given the tokens before it,
+        with the `top_k` most likely tokens at each position: the `logprobs` of the OpenAI routes (a prompt
+        echoed back, or a prompt followed by its completion)."""
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
@@ -242,7 +262,7 @@ class _Row:
     """One request while it decodes."""
 
     __slots__ = ("index", "request_id", "prompt", "weights", "adapter", "limit", "temperature", "top_p", "generator",
-                 "deadline", "count", "detok", "stop_ids")
+                 "deadline", "count", "detok", "stop_ids", "unsent")
 
     def __init__(self, index: int, request: GenerationRequest, weights: _Weights, adapter: Optional[str], limit: int,
                  detok: IncrementalDetokenizer, stop_ids: frozenset[int], device: torch.device):
@@ -260,24 +280,30 @@ class _Row:
         self.count = 0
         self.detok = detok
         self.stop_ids = stop_ids
+        self.unsent: list[int] = []  # tokens sampled since the last Delta
 
     def advance(self, token_id: int) -> Optional[Delta]:
         """Take the token sampled for this row; the Delta to send, if any."""
         self.count += 1
+        self.unsent.append(token_id)
         if token_id in self.stop_ids:
             piece, _ = self.detok.finish()
-            return Delta(self.request_id, piece, self.count, "stop")
+            return self._delta(piece, "stop")
         piece, stopped = self.detok.push(token_id)
         if not stopped and self.count >= self.limit:
             rest, stopped = self.detok.finish()
-            return Delta(self.request_id, piece + rest, self.count, "stop" if stopped else "length")
+            return self._delta(piece + rest, "stop" if stopped else "length")
         if stopped or piece:
-            return Delta(self.request_id, piece, self.count, "stop" if stopped else None)
+            return self._delta(piece, "stop" if stopped else None)
         return None
 
     def expire(self) -> Delta:
         piece, _ = self.detok.finish()
-        return Delta(self.request_id, piece, self.count, "length", timed_out=True)
+        return self._delta(piece, "length", timed_out=True)
+
+    def _delta(self, text: str, finish_reason: Optional[str], timed_out: bool = False) -> Delta:
+        ids, self.unsent = tuple(self.unsent), []
+        return Delta(self.request_id, text, self.count, finish_reason, timed_out, ids)
 
 
 def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
@@ -447,7 +473,7 @@ def _merge(caches: list[DynamicCache], masks: list[torch.Tensor], config) -> tup
     return DynamicCache(ddp_cache_data=layers, config=config), mask
 
 
-def _model_names(base_name: Optional[str], adapters: dict[str, str], full_models: dict[str, str]) -> list[str]:
+def model_names(base_name: Optional[str], adapters: dict[str, str], full_models: dict[str, str]) -> list[str]:
     names = ([base_name] if base_name is not None else []) + list(adapters) + list(full_models)
     if not names:
         raise ValueError("nothing to serve: base_name is None and there are no adapters or full models")
@@ -457,6 +483,51 @@ def _model_names(base_name: Optional[str], adapters: dict[str, str], full_models
     return names
 
 
+def check_request(engine: Engine, request: GenerationRequest) -> None:
+    """Raise ValueError if `engine` cannot serve `request`: what every engine checks before any compute."""
+    where, params, prompt = f"request {request.request_id!r}", request.params, request.prompt_ids
+    if request.model not in engine.models:
+        raise ValueError(f"{where}: unknown model {request.model!r}; this engine serves {', '.join(engine.models)}")
+    if not prompt:
+        raise ValueError(f"{where}: the prompt is empty; at least one token is needed")
+    if len(prompt) >= engine.context_length:
+        raise ValueError(f"{where}: the prompt has {len(prompt)} tokens, but the model's context is "
+                         f"{engine.context_length} tokens, which leaves no room for a completion")
+    if min(prompt) < 0 or max(prompt) >= engine.vocab_size:
+        raise ValueError(f"{where}: prompt token ids must lie in [0, {engine.vocab_size})")
+    if params.max_tokens < 1:
+        raise ValueError(f"{where}: max_tokens must be at least 1, got {params.max_tokens}")
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"{where}: top_p must be in (0, 1], got {params.top_p}")
+    if any(not s for s in params.stop):
+        raise ValueError(f"{where}: stop strings must be non-empty")
+
+
+def check_logprobs_request(engine: Engine, model: str, token_ids: Sequence[int], start: int) -> None:
+    """Raise ValueError if `engine` cannot score `token_ids[start:]` on `model` (`Engine.token_logprobs`)."""
+    if model not in engine.models:
+        raise ValueError(f"unknown model {model!r}; this engine serves {', '.join(engine.models)}")
+    if not 1 <= start <= len(token_ids) <= engine.context_length:
+        raise ValueError(f"token_logprobs: need 1 <= start ({start}) <= length ({len(token_ids)}) <= the "
+                         f"model's context ({engine.context_length})")
+    if token_ids and not 0 <= min(token_ids) <= max(token_ids) < engine.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {engine.vocab_size})")
+
+
+def stop_token_ids(tokenizer, generation_configs: Sequence) -> frozenset[int]:
+    """The ids that end a completion: the tokenizer's end-of-sequence, each model's generation config's, and
+    `<|end|>` under ragft's own chat template."""
+    ids = {tokenizer.eos_token_id}
+    for config in generation_configs:
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer.chat_template == CHAT_TEMPLATE:
+        ids.add(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    return frozenset(i for i in ids if i is not None)
+
+
 class TransformersEngine(Engine):
     """The Engine on transformers + PEFT: the base, LoRA adapters on one shared copy of it, full fine-tunes."""
 
@@ -464,7 +535,7 @@ class TransformersEngine(Engine):
                  full_models: Optional[dict[str, str]] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  attn_implementation: str = "sdpa", max_prefill_tokens: Optional[int] = MAX_PREFILL_TOKENS):
         adapters, full_models = dict(adapters or {}), dict(full_models or {})
-        self.models = _model_names(base_name, adapters, full_models)
+        self.models = model_names(base_name, adapters, full_models)
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1 or None, got {max_prefill_tokens}")
         self.device = torch.device(device)
@@ -481,7 +552,8 @@ class TransformersEngine(Engine):
             self._load_shared(base_path, base_name, adapters)
         for name, path in full_models.items():
             self._routes[name] = (self._weights(self._load(path), mixed=False), None)
-        self.stop_token_ids: frozenset[int] = self._stop_token_ids()
+        self.stop_token_ids: frozenset[int] = stop_token_ids(
+            self.tokenizer, [weights.module.generation_config for weights, _ in self._routes.values()])
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # PEFT passes adapter_names to the LoRA layers through hooks that live on the shared modules for the
         # length of a forward: forwards of two batches at once (two threads) would see each other's names.
@@ -517,46 +589,17 @@ class TransformersEngine(Engine):
         for name in adapters:
             self._routes[name] = (weights, internal[name])
 
-    def _stop_token_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for weights, _ in self._routes.values():
-            eos = getattr(weights.module.generation_config, "eos_token_id", None)
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-        if self.tokenizer.chat_template == CHAT_TEMPLATE:
-            ids.add(self.tokenizer.convert_tokens_to_ids(END_OF_TURN))
-        return frozenset(i for i in ids if i is not None)
-
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
         # Not a generator function itself: a bad request raises here, at the call, before any compute.
         rows = [self._row(i, request) for i, request in enumerate(requests)]
         return self._run(rows, len(requests))
 
     def _row(self, index: int, request: GenerationRequest) -> _Row:
-        self._check(request)
+        check_request(self, request)
         weights, adapter = self._routes[request.model]
         limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, lstrip=request.params.lstrip)
         return _Row(index, request, weights, adapter, limit, detok, self.stop_token_ids, self.device)
-
-    def _check(self, request: GenerationRequest) -> None:
-        where, params, prompt = f"request {request.request_id!r}", request.params, request.prompt_ids
-        if request.model not in self._routes:
-            raise ValueError(f"{where}: unknown model {request.model!r}; this engine serves {', '.join(self.models)}")
-        if not prompt:
-            raise ValueError(f"{where}: the prompt is empty; at least one token is needed")
-        if len(prompt) >= self.context_length:
-            raise ValueError(f"{where}: the prompt has {len(prompt)} tokens, but the model's context is "
-                             f"{self.context_length} tokens, which leaves no room for a completion")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"{where}: prompt token ids must lie in [0, {self.vocab_size})")
-        if params.max_tokens < 1:
-            raise ValueError(f"{where}: max_tokens must be at least 1, got {params.max_tokens}")
-        if not (math.isfinite(params.temperature) and params.temperature >= 0):
-            raise ValueError(f"{where}: temperature must be a finite number >= 0, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise ValueError(f"{where}: top_p must be in (0, 1], got {params.top_p}")
-        if any(not s for s in params.stop):
-            raise ValueError(f"{where}: stop strings must be non-empty")
 
     def open_batch(self, max_rows: Optional[int] = None) -> RunningBatch:
         """A batch that requests join between steps (continuous batching); see `RunningBatch`."""
@@ -568,21 +611,46 @@ class TransformersEngine(Engine):
 
         `labels` align with `input_ids` and hold -100 where nothing is scored (what `ragft.data.tokenize.encode`
         produces), so the answer tokens of an eval question are scored exactly as training weighted them."""
-        weights, adapter = self._routes[model]
         width = max(len(ids) for ids in input_ids)
-        ids = torch.full((len(input_ids), width), self._pad_id, dtype=torch.long)
         target = torch.full((len(input_ids), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-        for i, (row, lab) in enumerate(zip(input_ids, labels)):
-            ids[i, :len(row)], target[i, :len(lab)], mask[i, :len(row)] = torch.tensor(row), torch.tensor(lab), 1
-        kwargs = {"adapter_names": [adapter] * len(input_ids)} if weights.mixed else {}
-        with self._lock:
-            logits = weights.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False, **kwargs).logits.float()
+        for i, lab in enumerate(labels):
+            target[i, :len(lab)] = torch.tensor(lab)
+        logits = self._logits(model, input_ids)
         target = target[:, 1:].to(self.device)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="none")
         counted = target != -100
         return [(float(n), int(c)) for n, c in zip((nll * counted).sum(1).tolist(), counted.sum(1).tolist())]
+
+    @torch.inference_mode()
+    def token_logprobs(self, model: str, token_ids: Sequence[int], start: int, top_k: int = 0) -> list[TokenLogprob]:
+        check_logprobs_request(self, model, token_ids, start)
+        if start == len(token_ids):
+            return []
+        # Position t - 1 predicts token t: only the positions from start - 1 on are projected onto the vocabulary.
+        logits = self._logits(model, [token_ids], keep=len(token_ids) - start + 1)[0, :-1]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(token_ids[start:], device=self.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        if top_k:
+            values, indices = logprobs.topk(top_k, dim=-1)
+            tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        else:
+            tops = [()] * len(chosen)
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids[start:], chosen, tops)]
+
+    def _logits(self, model: str, input_ids: Sequence[Sequence[int]], keep: int = 0) -> torch.Tensor:
+        """fp32 logits (rows, positions, vocab) of right-padded `input_ids` on `model`'s weights: the last `keep`
+        positions of the widest row (0: all)."""
+        weights, adapter = self._routes[model]
+        width = max(len(ids) for ids in input_ids)
+        ids = torch.full((len(input_ids), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, row in enumerate(input_ids):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        kwargs = {"adapter_names": [adapter] * len(input_ids)} if weights.mixed else {}
+        with self._lock:
+            return weights.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
+                                  logits_to_keep=keep, **kwargs).logits.float()
 
     def _run(self, rows: list[_Row], n: int) -> Iterator[list[Optional[Delta]]]:
         batch = self.open_batch()

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
-SIDE_HOST = "127.0.0.1"  # the stats page and Prometheus endpoint have no authentication
+from ragft.net import LOOPBACK, free_port
+
+SIDE_HOST = LOOPBACK  # the stats page and Prometheus endpoint have no authentication
 
 WRAPPER = """#!/bin/sh
 # Written by ragft serve (ragft/serve/haproxy.py): bind HAProxy's stats and Prometheus frontends to
@@ -52,19 +53,13 @@ def haproxy_binary() -> str:
         return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((SIDE_HOST, 0))
-        return s.getsockname()[1]
-
-
 class Private:
     """One serve instance's HAProxy: files under a folder of its own, side ports of its own on loopback."""
 
     def __init__(self):
         # Short: the admin socket's path must fit a unix socket address (108 bytes).
         self.folder = Path(tempfile.mkdtemp(prefix="ragft-haproxy-"))
-        self.stats_port, self.metrics_port = free_port(), free_port()
+        self.stats_port, self.metrics_port = free_port(SIDE_HOST), free_port(SIDE_HOST)
         self.config = self.folder / "haproxy.cfg"
         wrapper = self.folder / "haproxy"
         wrapper.write_text(WRAPPER.format(host=SIDE_HOST, stats=self.stats_port, metrics=self.metrics_port,
@@ -83,31 +78,40 @@ class Private:
 
     def processes(self) -> list:
         """The HAProxy processes serving this instance (any generation of reloads)."""
-        import psutil
+        return processes_using(self.folder)
 
-        mine = str(self.folder) + "/"
-        found = []
-        for process in psutil.process_iter(["cmdline"]):
-            # Ray keeps the config in a sub-folder of ours; a process gone meanwhile has no cmdline
-            if any(arg.startswith(mine) for arg in process.info["cmdline"] or ()):
-                found.append(process)
-        return found
-
-    def stop(self, grace_s: float = 3.0) -> None:
-        """End this instance's HAProxy processes (SIGTERM, then SIGKILL after `grace_s`) and remove its folder."""
-        import psutil
-
-        processes = self.processes()
-        for send in (psutil.Process.terminate, psutil.Process.kill):
-            for process in processes:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    send(process)
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and (processes := [p for p in processes if running(p)]):
-                time.sleep(0.05)
-            if not processes:
-                break
+    def stop(self) -> None:
+        """End this instance's HAProxy processes and remove its folder."""
+        stop_all(self.processes())
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def processes_using(folder: Path) -> list:
+    """The processes with a path under `folder` on their command line: a `Private` instance's HAProxy."""
+    import psutil
+
+    mine = str(folder) + "/"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        # Ray keeps the config in a sub-folder of ours; a process gone meanwhile has no cmdline
+        if any(arg.startswith(mine) for arg in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def stop_all(processes: list, grace_s: float = 3.0) -> None:
+    """SIGTERM each psutil process, then SIGKILL the ones still running after `grace_s`."""
+    import psutil
+
+    for send in (psutil.Process.terminate, psutil.Process.kill):
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                send(process)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (processes := [p for p in processes if running(p)]):
+            time.sleep(0.05)
+        if not processes:
+            return
 
 
 def running(process) -> bool:

@@ -28,7 +28,11 @@ from ragft.data.rows import BadRowError
 from ragft.data.tokenize import text_prompt_ids
 from ragft.index.documents import parse_document
 from ragft.rag import citations, prompt_ids, query_of, with_context
-from ragft.serve import protocol as p
+from ragft.serve.protocol import (
+    APIError, ChatRequest, CompletionRequest, RagOptions, bad_request, chat_chunk, chat_logprobs, chat_response,
+    completion_chunk, completion_logprobs, completion_response, decode_json, new_id, openapi_body,
+    openapi_components, parse, sse, usage,
+)
 from ragft.serve.engine import GenerationRequest, SamplingParams
 from ragft.serve.observe import Observer, RequestRecord, log
 from ragft.serve.spec import ServeSpec
@@ -40,7 +44,7 @@ MAX_DOCUMENTS_PER_REQUEST = 10_000
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     # Unknown routes and methods answer in OpenAI's shape too.
-    return error_response(p.APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+    return error_response(APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
                                      code="not_found" if err.status_code == 404 else "method_not_allowed"))
 
 
@@ -49,7 +53,7 @@ def _openapi() -> dict:
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, routes=app.routes)
         document.setdefault("components", {}).setdefault("schemas", {}).update(
-            p.openapi_components(p.ChatRequest, p.CompletionRequest))
+            openapi_components(ChatRequest, CompletionRequest))
         app.openapi_schema = document
     return app.openapi_schema
 
@@ -57,7 +61,7 @@ def _openapi() -> dict:
 app.openapi = _openapi
 
 
-def error_response(err: p.APIError) -> JSONResponse:
+def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -73,31 +77,36 @@ class Ingress:
     def __init__(self, retriever, generator, spec: ServeSpec, context_length: int):
         from ragft.model.build import load_tokenizer
 
-        self.spec, self.s = spec, spec.serve
+        self.spec, self.config = spec, spec.serve
         self.retriever, self.generator = retriever, generator
         self.models = {m.id: m for m in spec.models}
         self.tokenizer = load_tokenizer(spec.base_path)
         self.context_length = context_length
         self.min_version = 0  # the newest index version this ingress published: searches must see at least it
-        self.observer = Observer(self.s.access_log)
+        self.observer = Observer(self.config.access_log)
 
     # --- routes
 
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self) -> Response:
+        """200 while the app serves; 503 once it is being deleted (the command was told to stop), so a load
+        balancer stops sending requests while the replicas drain the ones in flight."""
+        if await asyncio.to_thread(self._stopping):
+            return error_response(APIError(503, "the server is shutting down", "server_error",
+                                              code="shutting_down"))
         version = await self.retriever.version.remote() if self.retriever else None
         await self.generator.ping.remote()
-        return {"status": "ok", "models": list(self.models), "index_version": version}
+        return JSONResponse({"status": "ok", "models": list(self.models), "index_version": version})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         return await self._serve(request, "models", self._models)
 
-    @app.post("/v1/chat/completions", openapi_extra=p.openapi_body(p.ChatRequest))
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, "chat", self._chat)
 
-    @app.post("/v1/completions", openapi_extra=p.openapi_body(p.CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, "completions", self._completions)
 
@@ -112,20 +121,20 @@ class Ingress:
     # --- the frame every route runs in
 
     async def _serve(self, request: Request, route: str, handler, admin: bool = False) -> Response:
-        rec = RequestRecord(id=p.new_id("req"), method=request.method, path=request.url.path, route=route)
+        rec = RequestRecord(id=new_id("req"), method=request.method, path=request.url.path, route=route)
         try:
             rec.role = self._authorize(request, admin)
-            response = await asyncio.wait_for(handler(request, rec), timeout=self.s.request_timeout_s)
-        except p.APIError as err:
+            response = await asyncio.wait_for(handler(request, rec), timeout=self.config.request_timeout_s)
+        except APIError as err:
             response = error_response(err)
             rec.error = err.code
         except asyncio.TimeoutError:
-            err = p.APIError(504, f"the request took longer than serve.request_timeout_s={self.s.request_timeout_s}",
+            err = APIError(504, f"the request took longer than serve.request_timeout_s={self.config.request_timeout_s}",
                              "timeout", code="request_timeout")
             response, rec.error = error_response(err), err.code
         except Exception as err:  # a bug or a dead replica: still an answer in OpenAI's shape, never a hang
             log.exception("request %s failed", rec.id)
-            response = error_response(p.APIError(500, f"internal error ({type(err).__name__}); request id {rec.id}",
+            response = error_response(APIError(500, f"internal error ({type(err).__name__}); request id {rec.id}",
                                                  "server_error", code="internal_error"))
             rec.error = "internal_error"
         response.headers["x-request-id"] = rec.id
@@ -134,17 +143,21 @@ class Ingress:
             self.observer.record(rec)  # a stream records itself when it ends
         return response
 
+    def _stopping(self) -> bool:
+        status = serve.status().applications.get(self.config.app_name)
+        return status is None or status.status == "DELETING"
+
     def _authorize(self, request: Request, admin: bool) -> str:
         keys = self.spec.keys
         if not keys.configured and not admin:
             return "open"  # loopback only: the spec refuses other addresses without keys
         role = keys.role(request.headers.get("authorization"))
         if role is None:
-            raise p.APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
                              code="invalid_api_key")
         if admin and role != "admin":
             reason = "this key is not an admin key" if keys.admin else "no admin key is configured (RAGFT_ADMIN_KEY)"
-            raise p.APIError(403, f"index updates need the admin key: {reason}", "permission_error",
+            raise APIError(403, f"index updates need the admin key: {reason}", "permission_error",
                              code="insufficient_permissions")
         return role
 
@@ -159,66 +172,93 @@ class Ingress:
         return JSONResponse({"object": "list", "data": data})
 
     async def _chat(self, request: Request, rec: RequestRecord) -> Response:
-        req = p.parse(p.ChatRequest, await request.body())
+        req = parse(ChatRequest, await request.body())
         model = self._model(req.model, rec)
         stop = req.stop_strings()
         requested = req.max_completion_tokens or req.max_tokens
         self._check_request(req, requested)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = [m.to_template() for m in req.messages]
         query = query_of(messages)
         hits, version = [], None
-        enabled, k, mode = self._rag(req.rag, self.s.rag.enabled)
+        enabled, k, mode = self._rag(req.rag, self.config.rag.enabled)
         if enabled and query:
             hits, version = await self._search(query, k, mode, rec)
         try:
-            ids = prompt_ids(self.tokenizer, messages, hits, self.s.rag)
+            ids = prompt_ids(self.tokenizer, messages, hits, self.config.rag)
         except jinja2.TemplateError as err:
-            raise p.bad_request(f"messages: the model's chat template rejected the conversation: {err}",
+            raise bad_request(f"messages: the model's chat template rejected the conversation: {err}",
                                 "messages") from None
-        if self.s.log_prompts:
+        if self.config.log_prompts:
             rec.prompt = query
-        return await self._generate("chat", rec, model, ids, req, requested, stop, hits, version, "messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return await self._generate("chat", rec, model, [ids], req, requested, stop, hits, version, "messages",
+                                    top_logprobs=top)
 
     async def _completions(self, request: Request, rec: RequestRecord) -> Response:
-        req = p.parse(p.CompletionRequest, await request.body())
+        req = parse(CompletionRequest, await request.body())
         model = self._model(req.model, rec)
         stop = req.stop_strings()
-        self._check_request(req, req.max_tokens)
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise p.bad_request("prompt: ragft serves one prompt per completion request (use n for more "
-                                    "choices)", "prompt")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
+        self._check_request(req, req.max_tokens, zero_ok=req.echo)
+        prompts = req.prompts()
+        if len(prompts) > self.config.max_prompts:
+            raise bad_request(f"prompt: at most serve.max_prompts={self.config.max_prompts} prompts per request, got "
+                                f"{len(prompts)}", "prompt")
+        enabled, k, mode = self._rag(req.rag, self.config.rag.completions)
+        if enabled:
+            self._check_retrievable(req, prompts)
         hits, version = [], None
-        enabled, k, mode = self._rag(req.rag, self.s.rag.completions)
-        if enabled and prompt.strip():
-            hits, version = await self._search(prompt, k, mode, rec)
-        ids = text_prompt_ids(self.tokenizer, with_context(prompt, hits, self.s.rag))
-        if self.s.log_prompts:
-            rec.prompt = prompt
-        echo = prompt if req.echo else ""
-        return await self._generate("completions", rec, model, ids, req, req.max_tokens, stop, hits, version,
-                                    "prompt", echo=echo)
+        inputs, echoes = [], []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if enabled and prompt.strip():
+                    hits, version = await self._search(prompt, k, mode, rec)
+                ids = text_prompt_ids(self.tokenizer, with_context(prompt, hits, self.config.rag))
+                text = prompt
+            else:
+                if max(prompt) >= len(self.tokenizer):
+                    raise bad_request(f"prompt: token ids must be below the vocabulary size {len(self.tokenizer)}",
+                                        "prompt")
+                ids, text = list(prompt), self.tokenizer.decode(prompt)
+            if not ids:
+                raise bad_request("prompt: the prompt is empty (this model's tokenizer adds no start token)",
+                                    "prompt")
+            inputs.append(ids)
+            echoes.append(text if req.echo else "")
+        if self.config.log_prompts:
+            rec.prompt = " | ".join(t if isinstance(t, str) else f"<{len(t)} token ids>" for t in prompts)
+        return await self._generate("completions", rec, model, inputs, req, req.max_tokens, stop, hits, version,
+                                    "prompt", echoes=echoes, top_logprobs=req.logprobs)
+
+    def _check_retrievable(self, req: CompletionRequest, prompts: list) -> None:
+        """Retrieval puts context before one text prompt and cites it: what else a request asks for must fit that."""
+        off = "; send rag: {\"enabled\": false}"
+        if len(prompts) > 1:
+            raise bad_request(f"rag: retrieval serves one prompt per request, got {len(prompts)}{off}", "rag")
+        if not isinstance(prompts[0], str):
+            raise bad_request(f"rag: token-id prompts are scored as sent, without retrieved context{off}", "rag")
+        if req.echo and req.logprobs is not None:
+            raise bad_request(f"rag: echo with logprobs scores the prompt as sent, without retrieved context{off}",
+                                "rag")
 
     async def _upsert(self, request: Request, rec: RequestRecord) -> Response:
         self._need_index()
-        body = p.decode_json(await request.body())
+        body = decode_json(await request.body())
         rows = body.get("documents") if isinstance(body, dict) else None
         if not isinstance(rows, list) or not rows:
-            raise p.bad_request("documents: expected a non-empty list of {id, text, title?, source?, metadata?}",
+            raise bad_request("documents: expected a non-empty list of {id, text, title?, source?, metadata?}",
                                 "documents")
         if len(rows) > MAX_DOCUMENTS_PER_REQUEST:
-            raise p.bad_request(f"documents: at most {MAX_DOCUMENTS_PER_REQUEST} per request", "documents")
+            raise bad_request(f"documents: at most {MAX_DOCUMENTS_PER_REQUEST} per request", "documents")
         documents, seen = [], {}
         for i, row in enumerate(rows):
             try:
                 doc = parse_document(row, f"documents:{i}")
             except BadRowError as err:
-                raise p.bad_request(f"documents[{i}]: {err.reason}", f"documents.{i}") from None
+                raise bad_request(f"documents[{i}]: {err.reason}", f"documents.{i}") from None
             if doc.id in seen:
-                raise p.bad_request(f"documents[{i}]: duplicate id {doc.id!r} (first at documents[{seen[doc.id]}])",
+                raise bad_request(f"documents[{i}]: duplicate id {doc.id!r} (first at documents[{seen[doc.id]}])",
                                     f"documents.{i}.id")
             seen[doc.id] = i
             documents.append(doc)
@@ -231,7 +271,7 @@ class Ingress:
         self._need_index()
         stats = await self.retriever.delete.remote([doc_id])
         if doc_id in stats["delete_not_found"]:
-            raise p.APIError(404, f"document {doc_id!r} is not in the index", param="id", code="document_not_found")
+            raise APIError(404, f"document {doc_id!r} is not in the index", param="id", code="document_not_found")
         self.min_version = max(self.min_version, stats["version"])
         rec.index_version = stats["version"]
         return JSONResponse({"id": doc_id, "object": "index.document", "deleted": True, **_update_summary(stats)})
@@ -240,116 +280,162 @@ class Ingress:
 
     def _model(self, model: str, rec: RequestRecord) -> str:
         if model not in self.models:
-            raise p.APIError(404, f"The model '{model}' does not exist; GET /v1/models lists the ones served.",
+            raise APIError(404, f"The model '{model}' does not exist; GET /v1/models lists the ones served.",
                              param="model", code="model_not_found")
         rec.model = model
         return model
 
-    def _check_request(self, req: p._Sampling, max_tokens: Optional[int]) -> None:
-        if max_tokens is not None and not 1 <= max_tokens <= self.s.max_tokens_limit:
-            raise p.bad_request(f"max_tokens={max_tokens} must be between 1 and {self.s.max_tokens_limit}",
-                                "max_tokens")
-        if req.n > self.s.max_n:
-            raise p.bad_request(f"n={req.n} must be at most {self.s.max_n}", "n")
+    def _check_request(self, req, max_tokens: Optional[int], zero_ok: bool = False) -> None:
+        """Limits every route shares. `zero_ok`: max_tokens=0 asks for the prompt's logprobs alone (echo)."""
+        low = 0 if zero_ok else 1
+        if max_tokens is not None and not low <= max_tokens <= self.config.max_tokens_limit:
+            raise bad_request(f"max_tokens={max_tokens} must be between {low} and {self.config.max_tokens_limit}"
+                                + ("" if zero_ok else " (0 only with echo=true)"), "max_tokens")
+        if req.n > self.config.max_n:
+            raise bad_request(f"n={req.n} must be at most {self.config.max_n}", "n")
+        # `not in (None, False)` would let logprobs=0 through (0 == False): chat's is a bool, completions' an int
+        if req.stream and req.logprobs is not None and req.logprobs is not False:
+            raise bad_request("logprobs: ragft serve returns logprobs only without stream=true", "logprobs",
+                                "unsupported_parameter")
+        if req.stream and max_tokens == 0:
+            raise bad_request("max_tokens=0 scores the prompt alone: there is nothing to stream", "max_tokens")
 
-    def _rag(self, options: Optional[p.RagOptions], default: bool) -> tuple[bool, int, Optional[str]]:
-        options = options or p.RagOptions()
+    def _rag(self, options: Optional[RagOptions], default: bool) -> tuple[bool, int, Optional[str]]:
+        options = options or RagOptions()
         enabled = default if options.enabled is None else options.enabled
-        k = options.k or self.s.rag.k
+        k = options.k or self.config.rag.k
         if enabled and self.retriever is None:
             if options.enabled:
-                raise p.bad_request("rag.enabled: this server has no index (started with index.path=null)", "rag")
+                raise bad_request("rag.enabled: this server has no index (started with index.path=null)", "rag")
             return False, k, None
-        if k > self.s.rag.max_k:
-            raise p.bad_request(f"rag.k={k} must be at most serve.rag.max_k={self.s.rag.max_k}", "rag.k")
-        return enabled, k, options.mode or self.s.rag.mode
+        if k > self.config.rag.max_k:
+            raise bad_request(f"rag.k={k} must be at most serve.rag.max_k={self.config.rag.max_k}", "rag.k")
+        return enabled, k, options.mode or self.config.rag.mode
 
     def _need_index(self) -> None:
         if self.retriever is None:
-            raise p.APIError(404, "this server has no index (started with index.path=null)", code="no_index")
+            raise APIError(404, "this server has no index (started with index.path=null)", code="no_index")
 
     async def _search(self, query: str, k: int, mode: Optional[str], rec: RequestRecord) -> tuple[list, int]:
         try:
             out = await self.retriever.search.remote(query, k, mode, self.min_version)
         except Exception as err:
-            raise p.APIError(503, f"retrieval failed: {type(err).__name__}", "server_error",
+            raise APIError(503, f"retrieval failed: {type(err).__name__}", "server_error",
                              code="retrieval_unavailable") from err
         rec.retrieval_s, rec.index_version = out["seconds"], out["version"]
         return out["hits"], out["version"]
 
     def _max_tokens(self, requested: Optional[int], prompt_tokens: int, param: str) -> int:
         room = self.context_length - prompt_tokens
+        if requested == 0 and room >= 0:
+            return 0
         if requested is None and room >= 1:
-            return min(self.s.default_max_tokens, room)
+            return min(self.config.default_max_tokens, room)
         if requested is None or requested > room:
             asked = f" + {requested} for the completion" if requested else ""
-            raise p.APIError(400, f"This model's maximum context length is {self.context_length} tokens; the "
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens; the "
                                   f"request needs {prompt_tokens} for the prompt (retrieved context included){asked}.",
                              param=param, code="context_length_exceeded")
         return requested
 
-    async def _generate(self, kind: str, rec: RequestRecord, model: str, ids: list[int], req: p._Sampling,
+    async def _generate(self, kind: str, rec: RequestRecord, model: str, inputs: list[list[int]], req,
                         requested: Optional[int], stop: tuple[str, ...], hits: Sequence, version: Optional[int],
-                        param: str, echo: str = "") -> Response:
-        max_tokens = self._max_tokens(requested, len(ids), param)
-        remaining = self.s.request_timeout_s - (time.perf_counter() - rec.started)
-        deadline = time.time() + min(self.s.generation_timeout_s, max(remaining, 0.0))
+                        param: str, echoes: Optional[list[str]] = None, top_logprobs: Optional[int] = None) -> Response:
+        """Generate n choices for each prompt in `inputs` (choice i * n + j: prompt i's j-th); `echoes[i]` is put
+        before prompt i's text, `top_logprobs` (None: no logprobs) asks for each token's log-probability."""
+        echoes = echoes or [""] * len(inputs)
+        limits = [self._max_tokens(requested, len(ids), param) for ids in inputs]
+        remaining = self.config.request_timeout_s - (time.perf_counter() - rec.started)
+        deadline = time.time() + min(self.config.generation_timeout_s, max(remaining, 0.0))
         jobs = [GenerationRequest(
-            request_id=f"{rec.id}-{j}", model=model, prompt_ids=tuple(ids), deadline=deadline,
-            params=SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
+            request_id=f"{rec.id}-{i * req.n + j}", model=model, prompt_ids=tuple(ids), deadline=deadline,
+            params=SamplingParams(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, stop=stop,
                                   seed=None if req.seed is None else req.seed + j, lstrip=kind == "chat"))
-            for j in range(req.n)]
-        rec.prompt_tokens, rec.citations = len(ids), len(hits)
-        extra = {"citations": [c.to_json() for c in citations(hits, version, self.s.rag.quote_chars)]
+            for i, (ids, limit) in enumerate(zip(inputs, limits)) for j in range(req.n)]
+        rec.prompt_tokens, rec.citations = sum(map(len, inputs)), len(hits)
+        extra = {"citations": [c.to_json() for c in citations(hits, version, self.config.rag.quote_chars)]
                  if version is not None else [], "index_version": version}
         if req.stream:
             rec.stream = True
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            echo = [echoes[i] for i in range(len(inputs)) for _ in range(req.n)]
             return StreamingResponse(self._stream(kind, rec, model, jobs, extra, include_usage, echo),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        if requested == 0:  # echo alone: the prompt's logprobs, no completion
+            items = [{"text": "", "token_ids": [], "finish_reason": "length", "completion_tokens": 0,
+                      "generation_s": 0.0} for _ in jobs]
+        else:
+            items = await asyncio.gather(*(self.generator.complete.remote(job) for job in jobs))
         choices = []
-        for index, item in enumerate(await asyncio.gather(*(self.generator.complete.remote(j) for j in jobs))):
+        for index, item in enumerate(items):
+            echo = echoes[index // req.n]
             choices.append({"index": index, "text": echo + item["text"], "finish_reason": item["finish_reason"]})
             rec.completion_tokens += item["completion_tokens"]
             rec.generation_s = max(rec.generation_s, item["generation_s"])
-        build = p.chat_response if kind == "chat" else p.completion_response
-        body = build(rec.id, model, choices, p.usage(len(ids), rec.completion_tokens), extra)
+        if top_logprobs is not None:
+            scored = await asyncio.gather(*(
+                self._logprobs(kind, model, inputs[index // req.n], item["token_ids"], top_logprobs,
+                               echo=getattr(req, "echo", False)) for index, item in enumerate(items)))
+            for choice, logprobs in zip(choices, scored):
+                choice["logprobs"] = logprobs
+        build = chat_response if kind == "chat" else completion_response
+        body = build(rec.id, model, choices, usage(rec.prompt_tokens, rec.completion_tokens), extra)
         timing = f"retrieval;dur={rec.retrieval_s * 1000:.2f}, generation;dur={rec.generation_s * 1000:.2f}"
         return JSONResponse(body, headers={"server-timing": timing})
 
+    async def _logprobs(self, kind: str, model: str, prompt: list[int], completion: list[int], top_k: int,
+                        echo: bool) -> dict:
+        """A choice's `logprobs` object: for its completion's tokens, and its prompt's too when echoed (the
+        first prompt token, which nothing predicts, gets null, as in OpenAI's and vLLM's answers)."""
+        sequence = list(prompt) + list(completion)
+        start = 1 if echo else len(prompt)
+        try:
+            scored = await self.generator.token_logprobs.remote(model, sequence, start, top_k)
+        except NotImplementedError as err:  # an engine that cannot score here (vLLM 0.32 with adapters loaded)
+            cause = getattr(err, "cause", err)  # Ray's wrapper is the cause's type; its text carries a traceback
+            raise bad_request(f"logprobs: {cause}", "logprobs", "unsupported_parameter") from None
+        text = self._token_text
+        if kind == "chat":
+            return chat_logprobs([(text(t.token_id), t.logprob, [(text(i), lp) for i, lp in t.top])
+                                    for t in scored])
+        entries = [(text(sequence[0]), None, None)] if echo else []
+        entries += [(text(t.token_id), t.logprob, {text(i): lp for i, lp in t.top}) for t in scored]
+        return completion_logprobs(entries)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
     async def _stream(self, kind: str, rec: RequestRecord, model: str, jobs: list[GenerationRequest], extra: dict,
-                      include_usage: bool, echo: str) -> AsyncIterator[str]:
+                      include_usage: bool, echo: list[str]) -> AsyncIterator[str]:
         created, left = int(time.time()), len(jobs)
 
         def chunk(index: int, text: Optional[str], finish: Optional[str], role: bool = False) -> dict:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                return p.chat_chunk(rec.id, model, created, index, delta, finish)
-            return p.completion_chunk(rec.id, model, created, index, text or "", finish)
+                return chat_chunk(rec.id, model, created, index, delta, finish)
+            return completion_chunk(rec.id, model, created, index, text or "", finish)
 
         try:
             for j in range(len(jobs)):
-                yield p.sse(chunk(j, echo or None, None, role=kind == "chat"))
-                if echo and kind == "chat":
-                    yield p.sse(chunk(j, echo, None))
+                yield sse(chunk(j, echo[j] or None, None, role=kind == "chat"))
             async for index, item in self._streams(jobs):
                 if item["text"]:
-                    yield p.sse(chunk(index, item["text"], None))
+                    yield sse(chunk(index, item["text"], None))
                 if item["finish_reason"] is not None:
                     left -= 1
                     rec.completion_tokens += item["completion_tokens"]
                     rec.generation_s = max(rec.generation_s, item["generation_s"])
                     final = chunk(index, None, item["finish_reason"])
-                    yield p.sse({**final, **extra} if left == 0 else final)  # citations ride on the last chunk
+                    yield sse({**final, **extra} if left == 0 else final)  # citations ride on the last chunk
             if include_usage:
-                yield p.sse({"id": rec.id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                yield sse({"id": rec.id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                              "created": created, "model": model, "choices": [],
-                             "usage": p.usage(rec.prompt_tokens, rec.completion_tokens)})
-            yield p.sse("[DONE]")
+                             "usage": usage(rec.prompt_tokens, rec.completion_tokens)})
+            yield sse("[DONE]")
         except Exception as err:  # headers are gone: the error travels as an event, as OpenAI's API does
             log.exception("stream %s failed", rec.id)
             rec.status, rec.error = 500, "internal_error"
-            yield p.sse(p.APIError(500, f"generation failed ({type(err).__name__}); request id {rec.id}",
+            yield sse(APIError(500, f"generation failed ({type(err).__name__}); request id {rec.id}",
                                    "server_error", code="internal_error").body())
         finally:
             self.observer.record(rec)

@@ -1,7 +1,7 @@
 """The OpenAI wire format: request schemas, the error shape, and response / stream-chunk builders.
 
 Requests are validated with pydantic. A field ragft does not implement (`tools`, `response_format`,
-`logprobs`, penalties, ...) is refused with a 400 naming it, never silently dropped: a client that
+penalties, ...) is refused with a 400 naming it, never silently dropped: a client that
 relies on it must not get an answer that ignores it. Every failure becomes an `APIError`, rendered in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status. ragft's additions are a
 `rag` object in the request (`extra_body={"rag": {...}}` in the openai client) and `citations`
@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit; vLLM's default)
 
 
 class APIError(Exception):
@@ -44,11 +47,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]  # image and audio parts are refused: the served models read text
+    text: str
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # name, tool_calls, ...: refused, as chat templates would drop them
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[TextPart], None] = None
+
+    def to_template(self) -> dict:
+        """The message as chat templates take it: content parts joined into one string."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
+        return {"role": self.role, "content": content}
 
 
 class _Sampling(BaseModel):
@@ -78,11 +93,25 @@ class _Sampling(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
-    echo: bool = False
+    # Text, a batch of texts, token ids (what evaluation harnesses send), or a batch of token-id lists.
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)], Annotated[TokenIds, Field(min_length=1)],
+                  Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]]
+    echo: bool = False  # the prompt is returned before the completion (and scored, with logprobs)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # top alternatives per token
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 SCHEMA_REF = "#/components/schemas/{model}"  # where the request models' nested schemas go in /openapi.json
@@ -120,14 +149,22 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not _is_union_member(p)) or None
+        errors = err.errors()
+        # A union lists one error per member it tried. The deepest names the field best ("prompt.0.1", not "prompt"),
+        # and of those, a broken constraint is the member whose type matched ("at least 1 item", not "not a string").
+        first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]),
+                    key=lambda e: (len(_path(e["loc"])), not e["type"].endswith(("_type", "_parsing"))))
+        param = ".".join(_path(first["loc"])) or None
         more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
         if first["type"] == "extra_forbidden":
             raise bad_request(f"{param}: ragft serve does not implement this parameter; leave it out{more}", param,
                               "unsupported_parameter") from None
         code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         raise bad_request(f"{param}: {first['msg']}{more}", param, code) from None
+
+
+def _path(loc: tuple) -> list[str]:
+    return [str(p) for p in loc if not _is_union_member(p)]
 
 
 def _is_union_member(loc_item) -> bool:
@@ -148,15 +185,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def chat_response(rid: str, model: str, choices: list[dict], usage_: dict, extra: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                         "finish_reason": c["finish_reason"], "logprobs": None} for c in choices],
+                         "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
             "usage": usage_, "system_fingerprint": None, **extra}
 
 
 def completion_response(rid: str, model: str, choices: list[dict], usage_: dict, extra: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
-                         "logprobs": None} for c in choices],
+                         "logprobs": c.get("logprobs")} for c in choices],
             "usage": usage_, "system_fingerprint": None, **extra}
+
+
+def completion_logprobs(entries: list[tuple[str, Optional[float], Optional[dict[str, float]]]]) -> dict:
+    """The legacy completions `logprobs` object from (token text, its log-probability, {alternative: log-prob})
+    per token; `text_offset` is where each token starts in the choice's text."""
+    offsets, at = [], 0
+    for token, _, _ in entries:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
+    """The chat `logprobs` object from (token text, its log-probability, [(alternative, log-prob)]) per token."""
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**token(text, lp), "top_logprobs": [token(t, v) for t, v in top]} for text, lp, top in entries],
+            "refusal": None}
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: Optional[str]) -> dict:

@@ -9,32 +9,37 @@ With `serve.detach=true` (cluster=ray) it returns once the app is running and le
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
+from ragft.serve import leftovers
 from ragft.serve.haproxy import SIDE_HOST, Private, running
 from ragft.serve.spec import ServeSpec
+from ragft.signals import on_stop_signal
 
 SERVE_INFO = "serve.json"
-STOP_TIMEOUT_S = 20.0  # for Serve to drain and delete the app before Ray is stopped under it
+STOP_TIMEOUT_S = 10.0  # for Serve to drain and delete the app before Ray is stopped under it
 
 
 def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
     """Start the app; block until interrupted unless `wait` is false or serve.detach is set."""
     import ray
-    from transformers import AutoConfig
+
+    from ragft.model.build import context_length as model_context_length
 
     s = spec.serve
-    context_length = AutoConfig.from_pretrained(spec.base_path).max_position_embeddings
+    context_length = model_context_length(spec.base_path)
     started_ray = not ray.is_initialized()
-    haproxy = None
+    embedded = started_ray and spec.cluster.name == "local"
+    haproxy, record = None, None
+    if embedded:
+        for line in leftovers.clear():
+            print(f"ragft serve: {line}", flush=True)
+        leftovers.check_port(s.host, s.port)
     if started_ray:
         for key, value in serve_env(s.haproxy).items():
             os.environ.setdefault(key, value)  # inherited by the embedded Ray's proxy and replicas
@@ -43,23 +48,36 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
             os.environ.update(haproxy.env)  # this instance's own: never a setdefault left from an earlier one
         address = spec.cluster.address if spec.cluster.name == "ray" else None
         ray.init(address=address, configure_logging=False, include_dashboard=spec.cluster.name == "local")
-    ray_processes = _own_ray_processes() if started_ray and spec.cluster.name == "local" else []
+    ray_processes = _own_ray_processes() if embedded else []
     stop = threading.Event()
-    with _stop_on_signal(stop):  # installed after ray.init, which sets its own SIGTERM handler
+    with on_stop_signal(lambda name: stop.set()):  # after ray.init, which sets its own SIGTERM handler
         try:
+            if embedded:
+                record = _record(haproxy)
             info = _start(spec, context_length, stop, haproxy)
+            if embedded:
+                record = _record(haproxy)  # Ray's agents and workers started since
             if s.detach or not wait:
                 if s.detach:
                     print(f"ragft serve: left running on the Ray cluster as app {s.app_name!r}", flush=True)
                 return info
             print("ragft serve: Ctrl-C stops it", flush=True)
-            while not stop.wait(0.5):
+            while not stop.wait(0.1):  # a short timeout: a signal handler runs between two waits
                 pass
             print("ragft serve: stopping", flush=True)
         finally:  # stopped, or failed to start: either way nothing this command started stays behind
             if stop.is_set() or sys.exc_info()[0] is not None:
                 shutdown(s.app_name, started_ray, ray_processes, haproxy)
+                if record is not None:
+                    leftovers.forget(record)
     return info
+
+
+def _record(haproxy: Private | None) -> Path:
+    """Record what this command has started so far, for a later serve to clear if this one is killed."""
+    import psutil
+
+    return leftovers.record(psutil.Process().children(recursive=True), haproxy.folder if haproxy else None)
 
 
 def _start(spec: ServeSpec, context_length: int, stop: threading.Event, haproxy: Private | None) -> dict:
@@ -88,7 +106,8 @@ def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Pri
              timeout_s: float = STOP_TIMEOUT_S) -> None:
     """Stop serving within `timeout_s` plus a few seconds, leaving nothing running that this command started.
 
-    The app is deleted first, so replicas drain their requests. That needs Ray's own processes: a
+    The app is deleted first, so replicas drain their requests (and the ingress's /health answers 503
+    meanwhile); then Serve itself stops where this command started it. That needs Ray's own processes: a
     SIGTERM to the whole process group (systemd, Kubernetes, Slurm) reaches the embedded Ray's GCS,
     raylet and dashboard too, and once one of them is gone Serve can only hang, so the drain stops
     there. (They ignore SIGINT, so Ctrl-C in a terminal drains.) Where this command
@@ -97,8 +116,12 @@ def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Pri
     import ray
     from ray import serve
 
-    drain = threading.Thread(target=serve.shutdown if started_ray else serve.delete,
-                             args=() if started_ray else (app_name,), daemon=True)
+    def delete_then_stop() -> None:
+        serve.delete(app_name)  # the app DELETING: /health answers 503 while replicas finish what is in flight
+        if started_ray:
+            serve.shutdown()
+
+    drain = threading.Thread(target=delete_then_stop, daemon=True)
     drain.start()
     deadline = time.monotonic() + timeout_s
     while drain.is_alive() and time.monotonic() < deadline and all(running(p) for p in ray_processes):
@@ -164,17 +187,3 @@ def _deploy(spec: ServeSpec, context_length: int, stop: threading.Event) -> None
         serve.delete(s.app_name, _blocking=False)
         raise RuntimeError(f"the serve app was not running after serve.ready_timeout_s={s.ready_timeout_s}: "
                            f"{status.message if status else 'no status'}")
-
-
-@contextlib.contextmanager
-def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
-    """SIGINT / SIGTERM set `stop` instead of raising in whatever the main thread is doing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

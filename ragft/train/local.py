@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
+from ragft.net import free_port
 
 
 class ParquetShard:
@@ -75,7 +76,7 @@ def train_local(spec, rank: int, world_size: int) -> None:
 def init_process_group(use_gpu: bool) -> tuple[int, int]:
     """From torchrun's environment, or a single process on a free local port."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ.setdefault("RANK", "0")), int(os.environ.setdefault("WORLD_SIZE", "1"))
     os.environ.setdefault("LOCAL_RANK", "0")
     if use_gpu:
@@ -84,16 +85,8 @@ def init_process_group(use_gpu: bool) -> tuple[int, int]:
     return rank, world
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.config.spec import validate_train
 
     spec = validate_train(compose_config("train", sys.argv[1:]))

@@ -28,6 +28,7 @@ from ragft.config.spec import TrainSpec
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
 from ragft.data.tokenize import IGNORE_INDEX
+from ragft.jsonl import append_jsonl
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
@@ -69,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 @dataclass
-class Window:
+class StepsSinceLog:
     """Sums over the steps since the last log line, added up across ranks when read."""
 
     loss_sum: float = 0.0
@@ -86,7 +87,7 @@ class Window:
 
     def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device,
                 grad_norm: float | None = None) -> dict:
-        """The window's figures over all ranks (a collective: every rank calls it)."""
+        """These steps' figures over all ranks (a collective: every rank calls it)."""
         totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples], dtype=torch.float64,
                               device=device)
         dist.all_reduce(totals)
@@ -135,7 +136,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     plain_norm = None  # stage 0 (ddp) only: the gradient norm DeepSpeed does not compute there
     tracker = make_tracker(spec, is_rank0)
     stop_file = Path(spec.out_dir) / STOP_FILE
-    window = Window()
+    since_log = StepsSinceLog()
     last_eval = None
     done = step >= plan.total_steps
     while not done:
@@ -155,7 +156,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             if boundary and engine.zero_optimization_stage() == 0:
                 plain_norm = _plain_grad_norm(engine.module)  # stage 0 leaves DeepSpeed's norm unset
             engine.step()
-            window.add(loss.item(), num_tokens, batch["input_ids"].shape[0])
+            since_log.add(loss.item(), num_tokens, batch["input_ids"].shape[0])
             micro = i + 1
             if micro % spec.grad_accum:
                 continue
@@ -167,13 +168,13 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 last_eval = evaluate(engine, eval_batches, spec, device)
             metrics = {"step": step}
             if step % spec.train.log_every == 0 or done:
-                metrics = window.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device, plain_norm)
+                metrics = since_log.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device, plain_norm)
                 metrics.update(throughput(metrics["tokens_per_s"]))
                 if last_eval is not None:
                     metrics["eval_loss"] = last_eval
-                window = Window()
+                since_log = StepsSinceLog()
                 if is_rank0:
-                    append_jsonl(Path(spec.out_dir) / "metrics.jsonl", metrics)
+                    append_jsonl(Path(spec.out_dir) / "metrics.jsonl", [metrics])
                     tracker.log(metrics, step)
                 emit({"event": "step", **metrics})
             saving = step % spec.train.save_every == 0 or done
@@ -282,11 +283,6 @@ def truncate_history(path: Path, step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def seed_everything(seed: int) -> None:

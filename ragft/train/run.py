@@ -6,18 +6,16 @@ Ray starts, so a bad run costs seconds, not a cluster allocation.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft import registry
 from ragft.cluster import init_ray
+from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
+from ragft.signals import on_stop_signal
 from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
 from ragft.train.tracking import WANDB_INFO
@@ -67,29 +65,16 @@ class Interrupted(RuntimeError):
     exit_code = 130
 
 
-@contextlib.contextmanager
 def stop_on_signal(stop_file: Path):
     """First Ctrl-C / SIGTERM: ask the workers to checkpoint and stop (they poll `stop_file` every step).
     A second one stops the driver at once; the last complete checkpoint stays intact."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def request_stop(signum, frame):
+    def request_stop(name: str) -> None:
         if stop_file.exists():
             raise KeyboardInterrupt
         stop_file.touch()
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
-              f"(again to stop at once)", flush=True)
+        print(f"\n{name}: saving a checkpoint at the next step, then stopping (again to stop at once)", flush=True)
 
-    for sig in previous:
-        signal.signal(sig, request_stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_stop_signal(request_stop)
 
 
 def prepare_model(spec: TrainSpec):
@@ -142,7 +127,7 @@ def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
 
 
 def fit(spec: TrainSpec, pad_id: int, callbacks: Sequence = ()):
-    """Run the worker loop on Ray Train; return Ray's Result."""
+    """Run the worker loop on Ray Train (started by `run`); return Ray's Result."""
     import ray
     import ray.data
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,8 +137,6 @@ def fit(spec: TrainSpec, pad_id: int, callbacks: Sequence = ()):
     from ragft.train.loop import train_loop_per_worker
     from ragft.train.progress import DriverProgress
 
-    init_ray(spec.cluster.address if spec.cluster.name != "local" else None,
-             spec.cluster.num_workers * spec.cluster.cpus_per_worker + 2)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same shards in the same order on every run: resumable
     ctx.enable_progress_bars = False  # ragft prints one line per logged step instead
@@ -194,8 +177,8 @@ DRIVER_READ_MAX_BYTES = 256 * 2**20  # tokenized files up to this size go from t
 def load_rows(path: str):
     """The tokenized rows in Ray's object store before the workers start (read lazily, the read tasks would
     compete with the training workers and the first batches wait seconds for them). A small file is read
-    here and put as one block: no read tasks to schedule, seconds saved per run (4.5 s on 2 cores, more
-    under load); a large one is read by Ray Data's tasks across the cluster. The choice depends only on the file, so a
+    here and put as one block: no read tasks to schedule, seconds saved per run; a large one is read by Ray
+    Data's tasks across the cluster. The choice depends only on the file, so a
     resumed run gets the same shards."""
     import pyarrow.parquet as pq
     import ray.data

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ragft import registry
-from ragft.cli import compose_config
+from ragft.config.compose import compose_config
 from ragft.config.spec import ConfigError
 from ragft.eval import metrics as m
 from ragft.eval.run import run_eval

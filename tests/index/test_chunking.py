@@ -10,12 +10,12 @@ import pytest
 
 from ragft.index import tables, versions
 from ragft.index.chunking import Chunker, hf_token_offsets
-from ragft.index.embed import DEFAULT_MODEL, load_tokenizer
+from ragft.index.embed import DEFAULT_MODEL, load_embedding_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(DEFAULT_MODEL)
+    return load_embedding_tokenizer(DEFAULT_MODEL)
 
 
 def n_tokens(tokenizer, text: str) -> int:

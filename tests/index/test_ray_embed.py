@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ragft.index.embed import embed_texts, use_ray
+from ragft.index.embed_jobs import embed_texts, use_ray
 from ragft.sample import sample_path
 
 

@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 import pytest
 
-from ragft.index import Index, store, tables, versions
+from helpers.faiss_ids import ids_of
+from ragft.index import Index, tables, versions
 from ragft.sample import sample_path
 
 
@@ -29,7 +30,7 @@ def current_chunks(path) -> tables.ChunkTable:
 
 def store_ids(path) -> np.ndarray:
     folder = versions.version_dir(path, versions.read_manifest(path)["version"])
-    return np.sort(store.ids_of(faiss.read_index(str(folder / tables.STORE))))
+    return np.sort(ids_of(faiss.read_index(str(folder / tables.STORE))))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ragft.cli import compose_config
+from ragft.config.compose import compose_config
 
 
 @pytest.fixture(scope="session")

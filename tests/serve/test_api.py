@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import hypothesis
 import openai
 import pytest
+import schemathesis
 
 from helpers.net import free_port
 from ragft.sample import sample_path
@@ -115,7 +117,7 @@ def test_eval_prompt_and_answer_equal_serve_for_the_same_question(server, serve_
     """`ragft eval` and `ragft serve` build the same prompt from the same hits and answer it the same way:
     same cited chunks, same prompt token count, same greedy text (the server's index is still version 1,
     identical to sample_index, before the live-update test below changes it)."""
-    from ragft.cli import compose_config
+    from ragft.config.compose import compose_config
     from ragft.eval.run import run_eval
     from ragft.eval.spec import validate_eval
 
@@ -301,11 +303,29 @@ BAD_REQUESTS = [
     ("response_format", "POST", "/v1/chat/completions",
      {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
      400, "response_format", "unsupported_parameter"),
-    ("logprobs on chat", "POST", "/v1/chat/completions",
-     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs",
-     "unsupported_parameter"),
-    ("logprobs on completions", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 1}, 400,
-     "logprobs", "unsupported_parameter"),
+    ("logprobs with stream", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs", "unsupported_parameter"),
+    ("logprobs=0 with stream", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": "hi", "logprobs": 0, "stream": True}, 400, "logprobs", "unsupported_parameter"),
+    ("top_logprobs without logprobs", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "invalid_value"),
+    ("too many top_logprobs", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 21}, 400,
+     "logprobs", "invalid_value"),
+    ("max_tokens 0 without echo", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 0},
+     400, "max_tokens", "invalid_value"),
+    ("token id beyond the vocabulary", "POST", "/v1/completions", {"model": "alpha", "prompt": [5, 10**9]}, 400,
+     "prompt", "invalid_value"),
+    ("negative token id", "POST", "/v1/completions", {"model": "alpha", "prompt": [[5, -1]]}, 400, "prompt.0.1",
+     "invalid_value"),
+    ("empty token list", "POST", "/v1/completions", {"model": "alpha", "prompt": [[]]}, 400, "prompt.0",
+     "invalid_value"),
+    ("token prompt with retrieval", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": [5, 6], "rag": {"enabled": True}}, 400, "rag", "invalid_value"),
+    ("two prompts with retrieval", "POST", "/v1/completions",
+     {"model": "alpha", "prompt": ["a", "b"], "rag": {"enabled": True}}, 400, "rag", "invalid_value"),
+    ("too many prompts", "POST", "/v1/completions", {"model": "alpha", "prompt": ["a"] * 33}, 400, "prompt",
+     "invalid_value"),
     ("presence_penalty", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "presence_penalty": 0.5},
      400, "presence_penalty", "unsupported_parameter"),
     ("prompt of wrong type", "POST", "/v1/completions", {"model": "alpha", "prompt": 42}, 400, "prompt",
@@ -328,6 +348,46 @@ def test_bad_request_gets_a_4xx_in_openai_shape(server, name, method, path, body
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_echo_logprobs_score_token_prompts_as_lm_eval_asks(server):
+    """What lm-eval's local-completions sends for a multiple-choice question: token ids, echo, logprobs=1,
+    max_tokens=1, several prompts at once. The greedy token's logprob is the top one; batching changes nothing."""
+    client = server.client()
+    prompts = [[5, 17, 40, 9, 33], [7, 8, 9]]
+    kw = dict(model="alpha", echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1234)
+    both = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.usage.prompt_tokens == 8 and both.usage.completion_tokens == 2
+    for prompt, choice in zip(prompts, both.choices):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+        assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy: the sampled token is the top
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        alone = client.completions.create(prompt=prompt, **kw).choices[0].logprobs
+        assert alone.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    scored = client.completions.create(prompt=prompts[0], **{**kw, "max_tokens": 0})  # older clients: the prompt alone
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        both.choices[0].logprobs.token_logprobs[1:-1], abs=1e-5)
+    assert scored.usage.completion_tokens == 0
+
+
+def test_logprobs_of_completions_and_chat(server):
+    client = server.client()
+    completion = client.completions.create(model="beta", prompt="The ferry", max_tokens=6, temperature=0,
+                                           logprobs=3)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == completion.usage.completion_tokens  # an end-of-sequence token included
+    assert all(x == max(top.values()) and len(top) <= 3 for x, top in zip(lp.token_logprobs, lp.top_logprobs))
+    chat = ask(client, QA[0]["question"], model="beta", max_tokens=6, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob == t.top_logprobs[0].logprob for t in content)
+    assert len(content) == chat.usage.completion_tokens
+    assert all(bytes(t.bytes) == t.token.encode() for t in content)
+    plain = ask(client, QA[0]["question"], model="beta", max_tokens=6)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
 
 
 def test_the_openai_client_raises_the_matching_errors(server):
@@ -399,3 +459,39 @@ def test_openapi_document_describes_the_request_bodies(server):
     assert body["additionalProperties"] is False and body["required"] == ["model", "messages"]
     for name in ("Message", "RagOptions", "StreamOptions"):
         assert name in document["components"]["schemas"], name
+
+
+# (method, path, generation modes): "negative" needs something in the schema to break (a body or a parameter)
+FUZZED = [("GET", "/health", "positive"), ("GET", "/v1/models", "positive"), ("POST", "/v1/index/documents", "positive"),
+          ("DELETE", "/v1/index/documents/{doc_id}", "positive"), ("POST", "/v1/chat/completions", "positive"),
+          ("POST", "/v1/chat/completions", "negative"), ("POST", "/v1/completions", "positive"),
+          ("POST", "/v1/completions", "negative")]
+
+
+@pytest.mark.parametrize("method, path, mode", FUZZED, ids=[" ".join(f) for f in FUZZED])
+def test_fuzzed_requests_get_no_5xx_and_errors_in_openai_shape(server, method, path, mode):
+    """schemathesis generates requests from /openapi.json, valid ones (positive) and ones that break the schema
+    (negative), for every route. With the user key the admin routes answer 403, so the fuzz never changes the
+    index the tests above read."""
+    from schemathesis import GenerationMode
+
+    root = server.url.removesuffix("/v1")
+    operation = schemathesis.openapi.from_url(root + "/openapi.json")[path][method]
+    strategy = operation.as_strategy(generation_mode=GenerationMode(mode))
+    seen = []
+
+    @hypothesis.given(case=strategy)
+    @hypothesis.settings(max_examples=40 if method == "POST" else 10, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck), phases=[hypothesis.Phase.generate])
+    def check(case):
+        if mode == "positive" and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = "alpha"  # a made-up model id is a 404 before anything else is looked at
+        response = case.call(base_url=root, headers={"authorization": f"Bearer {USER_KEY}"}, timeout=120)
+        seen.append(response.status_code)
+        assert response.status_code < 500, (case.as_curl_command(), response.text)
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+    check()
+    assert seen

@@ -378,6 +378,52 @@ def test_invalid_requests_raise_before_any_compute(engine, request_, message):
         engine.generate([fine, request_])  # raises at the call, not at the first next()
 
 
+@pytest.mark.parametrize("model", ["base", "a", "full"])
+def test_deltas_carry_the_sampled_token_ids(engine, ref, model):
+    """Each Delta's token_ids are the tokens sampled since the previous one, the stopping EOS included (as vLLM
+    reports them): what the OpenAI routes report logprobs for."""
+    request = greedy("r", model, encode(engine, PROMPTS[1]), 12)
+    (result,) = run(engine, [request])
+    sent = [t for d in result.deltas for t in d.token_ids]
+    assert sent == ref.ids(model, request.prompt_ids, 12) and len(sent) == result.tokens
+
+
+def reference_logprobs(ref, model: str, ids: list[int]) -> torch.Tensor:
+    """log-softmax of each position's logits from the model alone, in one plain forward."""
+    with torch.inference_mode():
+        if model == "full":
+            logits = ref.full(input_ids=torch.tensor([ids])).logits
+        elif model == "base":
+            with ref.peft.disable_adapter():
+                logits = ref.peft(input_ids=torch.tensor([ids])).logits
+        else:
+            ref.peft.set_adapter(model.replace(".", "_"))
+            logits = ref.peft(input_ids=torch.tensor([ids])).logits
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("model, start", [("base", 1), ("b.v2", 1), ("full", 5), ("a", 9)])
+def test_token_logprobs_match_a_plain_forward(engine, ref, model, start):
+    ids = list(encode(engine, PROMPTS[2]))
+    got = engine.token_logprobs(model, ids, start, top_k=3)
+    want = reference_logprobs(ref, model, ids)
+    assert [t.token_id for t in got] == ids[start:]
+    for position, t in enumerate(got, start):
+        row = want[position - 1]  # position t - 1 predicts token t
+        assert t.logprob == pytest.approx(float(row[ids[position]]), abs=1e-4)
+        values, indices = row.topk(3)
+        assert [i for i, _ in t.top] == indices.tolist()
+        assert [v for _, v in t.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert engine.token_logprobs(model, ids, len(ids)) == []
+
+
+@pytest.mark.parametrize("args, message", [(("nope", [5, 6], 1), "unknown model"), (("base", [5, 6], 0), "start"),
+                                           (("base", [5, 6], 3), "start"), (("base", [5, 1 << 20], 1), "token ids")])
+def test_token_logprobs_refuse_bad_arguments(engine, args, message):
+    with pytest.raises(ValueError, match=message):
+        engine.token_logprobs(*args)
+
+
 def test_no_requests(engine):
     assert list(engine.generate([])) == []
 
