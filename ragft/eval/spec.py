@@ -99,8 +99,8 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
             checkpoint, run_id, step = resolved, served.run_id, served.step
             kind = "lora" if served.kind == "lora" else "full"
             if served.kind == "base" and job.base is None:
-                problems.append(f"checkpoint={job.checkpoint} is a plain model, not a ragft checkpoint: set base=<model> "
-                                f"to say what it is compared with")
+                problems.append(f"checkpoint={job.checkpoint} is a plain model, not a ragft checkpoint: "
+                                f"set base=<model> to say what it is compared with")
     if e.engine not in ENGINES:
         problems.append(f"eval.engine={e.engine!r} is not one of {', '.join(ENGINES)}")
     elif e.engine == "vllm":

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import torch
 
 from ragft.model.precision import auto_dtype
-from ragft.serve.engine import Engine, GenerationRequest, SamplingParams, TransformersEngine
+from ragft.serve.engine import Engine, GenerationRequest, SamplingParams
+from ragft.serve.transformers_engine import TransformersEngine
 
 
 @dataclass(frozen=True)

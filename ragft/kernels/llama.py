@@ -10,7 +10,9 @@ as they are:
   `apply_rotary_pos_emb`; it is replaced once by a function that takes ragft's path only inside a
   patched attention's forward, and transformers' own elsewhere);
 - the LM head (a plain nn.Linear) -> a `FusedLossHead`: while `ragft.train.loss` holds targets in it, the
-  head returns the fused linear + cross-entropy loss instead of logits (ragft.kernels.linear_ce).
+  head returns the fused linear + cross-entropy loss instead of logits (ragft.kernels.linear_ce);
+- PEFT's LoRA layers, once `ragft.model.build` has wrapped the model -> LoRA dropout replayed in the
+  backward instead of kept (ragft.kernels.lora).
 
 The model may sit inside PEFT and DeepSpeed wrappers; LoRA layers on the projections keep working
 because the patched forwards call the (wrapped) projection modules. Each kernel picks Triton where it

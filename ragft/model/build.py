@@ -124,6 +124,10 @@ def load_model(
         )
         if model.gradient_checkpointing:
             lm.enable_input_require_grads()
+        if model.kernels == "ragft":
+            from ragft.kernels.lora import replay_lora_dropout
+
+            replay_lora_dropout(lm)
     return lm
 
 

@@ -1,4 +1,4 @@
-"""`build_app`: the validated serve spec → one Ray Serve application (Ingress → Retriever, Generator)."""
+"""`build_app`: the validated serve spec → one Ray Serve application (Ingress → Retriever, TextGenerator)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from ray.serve import Application
 
 from ragft.config.schema import DeploymentConfig
-from ragft.serve.deployments import Generator, Retriever
+from ragft.serve.deployments import Retriever, TextGenerator
 from ragft.serve.ingress import Ingress
 from ragft.serve.spec import ServeSpec
 
@@ -24,7 +24,7 @@ def build_app(spec: ServeSpec, context_length: int) -> Application:
                   full_models=spec.full_models, device=s.device, dtype=s.dtype)
     if s.engine == "vllm":
         engine.update(dataclasses.asdict(s.vllm))
-    generator = Generator.options(**deployment_options(s.generator)).bind(
+    generator = TextGenerator.options(**deployment_options(s.generator)).bind(
         s.engine, engine, s.batch.enabled, s.batch.max_batch_size, s.batch.batch_wait_timeout_s)
     retriever = None
     if spec.index_path:

@@ -1,4 +1,4 @@
-"""The two model-holding deployments of `ragft serve`: Retriever (an index) and Generator (an engine).
+"""The two model-holding deployments of `ragft serve`: Retriever (an index) and TextGenerator (an engine).
 
 Retriever answers searches from one loaded index version and switches versions with
 `Index.reload`, which swaps the loaded version in one assignment: a search already running
@@ -6,7 +6,7 @@ finishes on the version it started with. It notices new versions by itself (ever
 `POLL_S`) and at once when a caller asks for at least a given version (`min_version`),
 which is how the ingress makes the answer after a live update cite the new text.
 
-Generator runs the engine with continuous batching: requests that arrive together are
+TextGenerator runs the engine with continuous batching: requests that arrive together are
 grouped by `serve.batch` (max_batch_size, batch_wait_timeout_s) and join the running batch at
 the next decode step (a burst over the next few, within the engine's prefill budget per step), so
 no request waits for another to finish. (serve.batch alone forms a
@@ -32,7 +32,8 @@ from ragft.index.index import Index
 from ragft.index.spec import IndexSpec
 from ragft.index.update import update_index
 from ragft.model.precision import auto_dtype, resolve_device
-from ragft.serve.engine import Engine, GenerationRequest, TokenLogprob, TransformersEngine
+from ragft.serve.engine import Engine, GenerationRequest, TokenLogprob
+from ragft.serve.transformers_engine import TransformersEngine
 
 log = logging.getLogger("ray.serve")
 
@@ -98,7 +99,7 @@ class Retriever:
 
 
 @serve.deployment
-class Generator:
+class TextGenerator:
     def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
                  batch_wait_timeout_s: float):
         self.engine = open_engine(engine, on_this_node(engine_args))

@@ -4,11 +4,15 @@ Every route runs through `Ingress._serve`: authorize (bearer key), run the handl
 request timeout, turn any failure into OpenAI's error shape, and record one access line plus
 metrics. A chat request then: validates → retrieves for the last user message (unless the
 request's `rag` object says otherwise) → renders the prompt with ragft.rag (the code eval and
-RAFT data use) → checks it fits the context → generates through the Generator's handle, one
+RAFT data use) → checks it fits the context → generates through the TextGenerator's handle, one
 engine request per choice → answers with `citations` beside `choices`.
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
 POST /v1/index/documents and DELETE /v1/index/documents/{id} (admin key).
+
+The module is longer than most on purpose: it is one deployment class whose routes share its handles,
+tokenizer, keys and stopping state, and a request's whole path (check, retrieve, prompt, generate,
+answer) reads top to bottom here. Request parsing and response shapes live in ragft.serve.protocol.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
@@ -441,7 +445,7 @@ class Ingress:
             self.observer.record(rec)
 
     async def _streams(self, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, dict]]:
-        """(choice index, item) from every job's Generator stream, interleaved as they arrive."""
+        """(choice index, item) from every job's TextGenerator stream, interleaved as they arrive."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, job: GenerationRequest) -> None:

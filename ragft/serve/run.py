@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from ragft.cluster import init_ray
 from ragft.serve import leftovers
 from ragft.serve.haproxy import SIDE_HOST, Private, running
 from ragft.serve.spec import ServeSpec
@@ -46,8 +47,7 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
         if s.haproxy and spec.cluster.name == "local":
             haproxy = Private()
             os.environ.update(haproxy.env)  # this instance's own: never a setdefault left from an earlier one
-        address = spec.cluster.address if spec.cluster.name == "ray" else None
-        ray.init(address=address, configure_logging=False, include_dashboard=spec.cluster.name == "local")
+        init_ray(spec.cluster.address if spec.cluster.name == "ray" else None, dashboard=spec.cluster.name == "local")
     ray_processes = _own_ray_processes() if embedded else []
     stop = threading.Event()
     with on_stop_signal(lambda name: stop.set()):  # after ray.init, which sets its own SIGTERM handler

@@ -12,7 +12,7 @@ what vLLM does not know is done here: the deadline (an expired request is aborte
   fine-tune next to the base or adapters would need a second engine: refused (the transformers engine
   serves that).
 - Process. The engine core runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): in a Ray
-  Serve replica each step then runs in the Generator's step thread, as the transformers engine's does,
+  Serve replica each step then runs in the TextGenerator's step thread, as the transformers engine's does,
   instead of in a second process the replica would have to supervise.
 - Scoring (`score`, evaluation's reference-answer likelihood) asks vLLM for prompt logprobs, the
   log-probability of each prompt token given the ones before it.
@@ -35,18 +35,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ragft.model.build import context_length, load_tokenizer
-from ragft.serve.engine import (
-    GREEDY_BELOW,
-    Batch,
-    Delta,
-    Engine,
-    GenerationRequest,
-    TokenLogprob,
-    check_logprobs_request,
-    check_request,
-    model_names,
-    stop_token_ids,
-)
+from ragft.serve.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, TokenLogprob,
+    check_logprobs_request, check_request, model_names, stop_token_ids)
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # vLLM reads it when the engine is created
 

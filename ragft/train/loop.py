@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import resource
 import time
@@ -45,12 +46,10 @@ STOP_FILE = "STOP"  # written by the driver on Ctrl-C / SIGTERM: save a checkpoi
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: the spec and the dataset shards come from Ray."""
     import ray.train
-    from ray.train.v2._internal.execution import context as ray_train_context
 
-    # Ray logs every report at INFO under a logger named after its file; ragft prints its own lines.
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     spec: TrainSpec = config["spec"]
     ctx = ray.train.get_context()
+    quiet_ray_train_reports()
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     pad_id = config["pad_id"]
@@ -67,6 +66,17 @@ def train_loop_per_worker(config: dict) -> None:
         report=lambda metrics: ray.train.report(metrics),
         events=config["events"],
     )
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO; ragft prints its own lines. Those loggers are named after their
+    file paths, not `ray.train.*`, so RunConfig's log level does not reach them: set it on them by path."""
+    import ray.train
+
+    package = os.path.dirname(ray.train.__file__)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(package):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @dataclass

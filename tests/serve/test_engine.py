@@ -19,13 +19,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from helpers.serve_models import build_full_model, build_lora_adapter, build_tiny_base
-from ragft.serve.engine import (
-    Delta,
-    GenerationRequest,
-    IncrementalDetokenizer,
-    SamplingParams,
-    TransformersEngine,
-)
+from ragft.serve.detokenize import IncrementalDetokenizer
+from ragft.serve.engine import Delta, GenerationRequest, SamplingParams
+from ragft.serve.transformers_engine import TransformersEngine
 
 PROMPTS = [
     "The ferry Fousond",
@@ -194,16 +190,16 @@ def test_rows_finishing_at_different_steps(engine, ref):
 
 
 def test_one_forward_per_weights_and_finished_rows_leave_the_batch(engine, monkeypatch):
-    from ragft.serve import engine as engine_module
+    from ragft.serve.decode_group import DecodeGroup
 
     calls = []
-    forward = engine_module._Group._forward
+    forward = DecodeGroup.forward
 
     def spy(self, ids, mask, positions, cache, adapters):
         calls.append((self.weights.mixed, ids.shape[0], mask.shape[1]))
         return forward(self, ids, mask, positions, cache, adapters)
 
-    monkeypatch.setattr(engine_module._Group, "_forward", spy)
+    monkeypatch.setattr(DecodeGroup, "forward", spy)
     long, short = encode(engine, PROMPTS[2]), encode(engine, PROMPTS[0])
     requests = [greedy("long", "base", long, 2), greedy("a", "a", short, 4), greedy("b", "b.v2", short, 6),
                 greedy("f", "full", short, 3)]
@@ -235,7 +231,7 @@ def test_prefill_budget_admits_a_burst_over_steps_and_answers_as_one_by_one(engi
     """A burst of requests larger than the prefill budget joins over several steps, in arrival order, while the
     rows already in keep decoding at every step; each answer equals the same request generated alone (one by
     one, and transformers' `generate`)."""
-    from ragft.serve import engine as engine_module
+    from ragft.serve.decode_group import DecodeGroup
 
     models = ["base", "a", "full", "b.v2", "a", "base", "full", "b.v2", "base", "a"]
     requests = [greedy(f"r{i}", m, encode(engine, PROMPTS[i % len(PROMPTS)]), 6 + i % 5) for i, m in enumerate(models)]
@@ -244,13 +240,13 @@ def test_prefill_budget_admits_a_burst_over_steps_and_answers_as_one_by_one(engi
     budget = 2 * max(len(r.prompt_ids) for r in requests)  # at least two requests join per step
     monkeypatch.setattr(engine, "max_prefill_tokens", budget)
     calls = []
-    forward = engine_module._Group._forward
+    forward = DecodeGroup.forward
 
     def spy(self, ids, mask, positions, cache, adapters):
         calls.append(tuple(ids.shape))
         return forward(self, ids, mask, positions, cache, adapters)
 
-    monkeypatch.setattr(engine_module._Group, "_forward", spy)
+    monkeypatch.setattr(DecodeGroup, "forward", spy)
     results, first_step, steps = [Result() for _ in requests], {}, []
     for i, out in enumerate(engine.generate(requests)):
         steps.append(calls[:])

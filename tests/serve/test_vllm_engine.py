@@ -27,7 +27,8 @@ pytest.importorskip("vllm")
 
 import ray  # noqa: E402
 
-from ragft.serve.engine import GenerationRequest, SamplingParams, TransformersEngine  # noqa: E402
+from ragft.serve.engine import GenerationRequest, SamplingParams  # noqa: E402
+from ragft.serve.transformers_engine import TransformersEngine  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -61,7 +62,7 @@ class EngineHost:
         return {"models": self.engine.models, "startup_s": self.startup_s}
 
     def run(self, requests: list[GenerationRequest], max_rows: int | None = None) -> list[Result]:
-        """Through `open_batch` (as the Generator deployment drives it), checking the stepping contract."""
+        """Through `open_batch` (as the TextGenerator deployment drives it), checking the stepping contract."""
         batch = self.engine.open_batch(max_rows)
         for i, request in enumerate(requests):
             batch.add(i, request)

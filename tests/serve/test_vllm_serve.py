@@ -91,6 +91,16 @@ def test_served_completions_and_models(server):
     assert len(set(outputs.values())) == 3, outputs
 
 
+def test_logprobs_with_adapters_loaded_are_a_400_naming_the_parameter(server):
+    """vLLM 0.32 cannot compute prompt logprobs with LoRA adapters loaded: the engine's refusal reaches the client as
+    OpenAI's invalid-request error, not a 500."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client().completions.create(model="alpha", prompt="The ferry", max_tokens=1, echo=True, logprobs=1)
+    error = raised.value.body
+    assert error["param"] == "logprobs" and error["code"] == "unsupported_parameter", error
+    assert "LoRA adapters" in error["message"] and "Traceback" not in error["message"], error
+
+
 # --- ragft eval eval.engine=vllm
 
 
