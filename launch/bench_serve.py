@@ -10,9 +10,10 @@ without dynamic batching, both apps measured in the same run.
    app with `serve.batch.enabled=true` and `false` (batches of one, the same code path), and the
    ratio on / off.
 3. With --vllm: bare vLLM offline (`LLM.generate` on the RAG prompts of 4., all at once) against
-   `ragft serve serve.engine=vllm` answering the same prompts (as /v1/completions text, greedy) at
-   --concurrency closed-loop clients: generated tokens/s of both and their ratio (goal: >= 0.8). Both
-   run vLLM in eager mode unless --compile.
+   `ragft serve` with serve.engine=vllm and with serve.engine=transformers answering the same prompts
+   (as /v1/completions text, greedy) at each --concurrency (closed-loop clients): one table of
+   generated tokens/s and the ratio vLLM engine / bare (goal: >= 0.8 at 32). vLLM runs in eager mode
+   unless --compile.
 4. With --engine: the engine alone (no Ray, no HTTP) on RAG prompts as `ragft serve` renders them (a sample
    question and two documents, ~300 tokens on SmolLM2's tokenizer), closed loop: tokens/s to answer
    --total requests at each concurrency (wall and per CPU-second), time to first token, and the longest
@@ -20,7 +21,7 @@ without dynamic batching, both apps measured in the same run.
 
     python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy] [--model DIR]
     python launch/bench_serve.py --engine --model DIR --concurrency 8 32 --max-tokens 16 [--total 64]
-    python launch/bench_serve.py --vllm --model DIR --concurrency 32 --max-tokens 16 [--total 64] [--compile]
+    python launch/bench_serve.py --vllm --model DIR --concurrency 1 8 32 --max-tokens 16 [--total 64] [--compile]
 """
 
 from __future__ import annotations
@@ -221,88 +222,106 @@ def bench_engine(args) -> None:
 
 
 def bench_vllm(args) -> None:
-    """Bare vLLM offline, then the same prompts through `ragft serve serve.engine=vllm`; tokens/s of both."""
+    """Bare vLLM offline, then the same prompts through `ragft serve` with serve.engine=vllm and with
+    serve.engine=transformers at each --concurrency; one table of tokens/s."""
     import gc
 
     from ragft.model.build import load_tokenizer
 
-    if args.dtype == "auto":  # what serve.dtype=auto picks on this machine, for both
+    if args.dtype == "auto":  # what serve.dtype=auto picks on this machine, for every side
         from ragft.model.precision import auto_dtype
 
         args.dtype = str(auto_dtype("cpu")).removeprefix("torch.")
-    prompts = rag_prompts(load_tokenizer(args.model))
-    c = args.concurrency[-1]
+    tokenizer = load_tokenizer(args.model)
+    prompts = rag_prompts(tokenizer)
+    widest = max(args.concurrency)
     work = [prompts[i % len(prompts)] for i in range(args.total)]
-    bare_tps, bare_start = _bare_vllm(args, work[:c], work)
+    bare_tps, bare_start = _bare_vllm(args, work[:widest], work)
     gc.collect()
 
-    import httpx
     import ray
     from ray import serve
 
-    from ragft.serve.run import run_serve, serve_env
+    from ragft.serve.run import serve_env
 
-    root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-vllm-"))
     for key, value in serve_env(haproxy=not args.python_proxy).items():
         os.environ.setdefault(key, value)
     ray.init(configure_logging=False, log_to_driver=False)
-    texts = [load_tokenizer(args.model).decode(p) for p in work]
+    texts = [tokenizer.decode(p) for p in work]
+    served, up = {}, {}
     try:
-        from ragft.config.compose import compose_config
-        from ragft.serve.spec import validate_serve
-
-        spec = validate_serve(compose_config("serve", [
-            f"checkpoint={args.model}", f"serve.port={8124}", f"out_dir={root / 'run'}", "serve.engine=vllm",
-            f"serve.vllm.enforce_eager={str(not args.compile).lower()}", f"serve.vllm.kv_cache_gb={args.kv_cache_gb}",
-            f"serve.batch.max_batch_size={max(c, 16)}", "serve.generator.max_ongoing_requests=128",
-            # a slow machine must not cut answers short: both sides generate the same tokens
-            "serve.generation_timeout_s=900", "serve.request_timeout_s=1200",
-            "serve.ingress.max_ongoing_requests=256", f"serve.dtype={args.dtype}"]))
-        started = time.perf_counter()
-        url = run_serve(spec, wait=False)["url"]
-        served_start = time.perf_counter() - started
-        model = spec.default_model
-
-        def one(client: httpx.Client, text: str) -> int:
-            body = {"model": model, "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
-            response = client.post(f"{url}/completions", json=body)
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
-
-        def closed_loop(items: list[str]) -> tuple[int, float]:
-            queue, lock, counted = list(items), threading.Lock(), [0]
-
-            def client_loop() -> None:
-                with httpx.Client(timeout=600) as client:
-                    while True:
-                        with lock:
-                            if not queue:
-                                return
-                            text = queue.pop(0)
-                        n = one(client, text)
-                        with lock:
-                            counted[0] += n
-
-            threads = [threading.Thread(target=client_loop) for _ in range(c)]
-            begun = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return counted[0], time.perf_counter() - begun
-
-        closed_loop(texts[:c])  # warm-up, as the bare run's
-        tokens, seconds = closed_loop(texts)
-        served_tps = tokens / seconds
+        for engine in ("vllm", "transformers"):
+            url, model, up[engine] = _serve_app(args, engine, widest)
+            for c in args.concurrency:
+                _closed_loop(url, model, texts[:c], c, args.max_tokens)  # warm-up, as the bare run's
+                tokens, seconds = _closed_loop(url, model, texts, c, args.max_tokens)
+                served[engine, c] = tokens / seconds
+                print(f"ragft serve serve.engine={engine}, concurrency {c}: {tokens} tokens in {seconds:.1f} s",
+                      flush=True)
+            serve.shutdown()
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\nvLLM on {args.model}, {len(work)} RAG prompts (median {sorted(map(len, work))[len(work) // 2]} tokens), "
-          f"max_tokens={args.max_tokens}, greedy, {'compiled' if args.compile else 'eager'}, dtype {args.dtype}:")
-    print(f"  bare vLLM LLM.generate (all at once):         {bare_tps:7.1f} tokens/s (start-up {bare_start:.1f} s)")
-    print(f"  ragft serve serve.engine=vllm, concurrency {c:>2}: {served_tps:7.1f} tokens/s "
-          f"({tokens} tokens in {seconds:.1f} s; app up in {served_start:.1f} s)")
-    print(f"  ratio served / bare: {served_tps / bare_tps:.2f} (goal: >= 0.8)")
+    print(f"\n{args.model}, {len(work)} RAG prompts (median {sorted(map(len, work))[len(work) // 2]} tokens), "
+          f"max_tokens={args.max_tokens}, greedy, vLLM {'compiled' if args.compile else 'eager'}, dtype {args.dtype}; "
+          f"start-up: bare vLLM {bare_start:.1f} s, app with vLLM {up['vllm']:.1f} s, with transformers "
+          f"{up['transformers']:.1f} s\n")
+    print("| concurrency | ragft serve, transformers engine | ragft serve, vLLM engine | bare vLLM offline (all at once) "
+          "| vLLM engine / bare |")
+    print("|---|---|---|---|---|")
+    for c in args.concurrency:
+        print(f"| {c} | {served['transformers', c]:.1f} tok/s | {served['vllm', c]:.1f} tok/s | {bare_tps:.1f} tok/s "
+              f"| {served['vllm', c] / bare_tps:.2f} |")
+    print("\ngoal: vLLM engine / bare >= 0.8 at concurrency 32")
+
+
+def _serve_app(args, engine: str, widest: int) -> tuple[str, str, float]:
+    """`ragft serve` on args.model with `engine`, in this process's Ray: its URL, model name and start-up seconds."""
+    from ragft.config.compose import compose_config
+    from ragft.serve.run import run_serve
+    from ragft.serve.spec import validate_serve
+
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-vllm-"))
+    vllm = [f"serve.vllm.enforce_eager={str(not args.compile).lower()}", f"serve.vllm.kv_cache_gb={args.kv_cache_gb}"]
+    spec = validate_serve(compose_config("serve", [
+        f"checkpoint={args.model}", f"serve.port={8124}", f"out_dir={root / f'run-{engine}'}", f"serve.engine={engine}",
+        *(vllm if engine == "vllm" else []), f"serve.batch.max_batch_size={max(widest, 16)}",
+        "serve.generator.max_ongoing_requests=128",
+        # a slow machine must not cut answers short: every side generates the same tokens
+        "serve.generation_timeout_s=900", "serve.request_timeout_s=1200",
+        "serve.ingress.max_ongoing_requests=256", f"serve.dtype={args.dtype}"]))
+    started = time.perf_counter()
+    url = run_serve(spec, wait=False)["url"]
+    return url, spec.default_model, time.perf_counter() - started
+
+
+def _closed_loop(url: str, model: str, items: list[str], concurrency: int, max_tokens: int) -> tuple[int, float]:
+    """`concurrency` clients, each sending its next /v1/completions request when the last returns, until `items`
+    are answered: completion tokens and seconds."""
+    import httpx
+
+    queue, lock, counted = list(items), threading.Lock(), [0]
+
+    def client_loop() -> None:
+        with httpx.Client(timeout=900) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    text = queue.pop(0)
+                body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0}
+                response = client.post(f"{url}/completions", json=body)
+                response.raise_for_status()
+                with lock:
+                    counted[0] += response.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    begun = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counted[0], time.perf_counter() - begun
 
 
 def _bare_vllm(args, warm: list, work: list) -> tuple[float, float]:

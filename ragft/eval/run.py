@@ -134,7 +134,7 @@ def run_batches(spec: EvalSpec, batches: list[list[Item]], progress) -> dict[str
     init_ray(spec.cluster.address if spec.cluster.name == "ray" else None, e.num_workers * e.cpus_per_worker)
     actor = ray.remote(num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)(EvalWorker)
     workers = [actor.remote(spec.base, spec.checkpoint, spec.ft_kind, device="cuda" if e.use_gpu else "cpu",
-                            threads=0 if e.use_gpu else e.cpus_per_worker, max_tokens=e.max_tokens,
+                            threads=0 if e.use_gpu else e.cpus_per_worker, max_tokens=e.max_tokens, dtype=e.dtype,
                             engine=e.engine, vllm=dataclasses.asdict(e.vllm))
                for _ in range(min(e.num_workers, len(batches)))]
     answers: dict[str, Answer] = {}

@@ -19,6 +19,7 @@ from ragft.config.spec import TRACKING_MODES, ConfigError, typed_job_config
 from ragft.data.rows import ON_BAD_ROW
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
+from ragft.model.precision import DTYPES
 from ragft.rag import check_templates
 from ragft.serve.spec import ENGINES, describe, resolve_checkpoint
 
@@ -101,6 +102,8 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
             if served.kind == "base" and job.base is None:
                 problems.append(f"checkpoint={job.checkpoint} is a plain model, not a ragft checkpoint: "
                                 f"set base=<model> to say what it is compared with")
+    if e.dtype not in DTYPES:
+        problems.append(f"eval.dtype={e.dtype!r} is not one of {', '.join(DTYPES)}")
     if e.engine not in ENGINES:
         problems.append(f"eval.engine={e.engine!r} is not one of {', '.join(ENGINES)}")
     elif e.engine == "vllm":

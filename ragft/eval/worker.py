@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ragft.model.precision import auto_dtype
+from ragft.model.precision import resolve_dtype
 from ragft.serve.engine import Engine, GenerationRequest, SamplingParams
 from ragft.serve.transformers_engine import TransformersEngine
 
@@ -44,13 +44,14 @@ class Answer:
 
 
 class EvalWorker:
-    def __init__(self, base_path: str, ft_path: str, ft_kind: str, *, device: str = "cpu", threads: int = 0,
-                 max_tokens: int = 24, engine: str = "transformers", vllm: Optional[dict] = None):
+    def __init__(self, base_path: str, ft_path: str, ft_kind: str, *, device: str = "cpu", dtype: str = "auto",
+                 threads: int = 0, max_tokens: int = 24, engine: str = "transformers", vllm: Optional[dict] = None):
         if threads:
             torch.set_num_threads(threads)  # one actor per core: torch's default would oversubscribe them
         adapters = {"ft": ft_path} if ft_kind == "lora" else {}
         full = {"ft": ft_path} if ft_kind != "lora" else {}
-        args = dict(base_name="base", adapters=adapters, full_models=full, device=device, dtype=auto_dtype(device))
+        args = dict(base_name="base", adapters=adapters, full_models=full, device=device,
+                    dtype=resolve_dtype(dtype, device))
         if engine == "vllm":
             from ragft.serve.vllm_engine import VLLMEngine
 

@@ -31,12 +31,22 @@ def cuda_has_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what serve.dtype and eval.dtype accept
+
+
 def auto_dtype(device: str):
     """The torch dtype `auto` means on `device` ("cpu", "cuda" or "cuda:N")."""
     import torch
 
     fast = cuda_has_bf16() if str(device).startswith("cuda") else cpu_has_bf16()
     return torch.bfloat16 if fast else torch.float32
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype a config's `dtype` (one of DTYPES) names on `device`: `auto_dtype(device)` for "auto"."""
+    import torch
+
+    return auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)
 
 
 def resolve_device(device: str) -> str:

@@ -23,7 +23,6 @@ import logging
 import time
 from typing import AsyncIterator, Optional, Sequence
 
-import torch
 from ray import serve
 
 from ragft.config.schema import CorpusConfig, IndexConfig, RetrievalConfig
@@ -31,7 +30,7 @@ from ragft.index.documents import Document
 from ragft.index.index import Index
 from ragft.index.spec import IndexSpec
 from ragft.index.update import update_index
-from ragft.model.precision import auto_dtype, resolve_device
+from ragft.model.precision import resolve_device, resolve_dtype
 from ragft.serve.engine import Engine, GenerationRequest, TokenLogprob
 from ragft.serve.transformers_engine import TransformersEngine
 
@@ -197,4 +196,4 @@ def open_engine(kind: str, engine_args: dict) -> Engine:
 def on_this_node(engine_args: dict) -> dict:
     """Resolve device and dtype "auto" where the replica runs (the driver may have another GPU or CPU, or none)."""
     device, dtype = resolve_device(engine_args.get("device", "auto")), engine_args.get("dtype", "auto")
-    return {**engine_args, "device": device, "dtype": auto_dtype(device) if dtype == "auto" else getattr(torch, dtype)}
+    return {**engine_args, "device": device, "dtype": resolve_dtype(dtype, device)}

@@ -155,6 +155,9 @@ def serve_env(haproxy: bool) -> dict[str, str]:
         # The ingress replica then takes requests directly and, when stopped, keeps taking them for
         # this long so load balancers can notice (Ray's default, 30 s, made Ctrl-C take 30 s).
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
+        # Serve kills a proxy that misses three readiness checks of this many seconds (default 5); HAProxy's
+        # start on a busy machine can miss them, and the app then never comes up.
+        env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
     return env
 
 

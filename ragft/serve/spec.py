@@ -27,12 +27,12 @@ from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, Ret
 from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
+from ragft.model.precision import DTYPES
 from ragft.rag import check_templates
 from ragft.serve.keys import KeyRing, load_keys
 from ragft.train import checkpoint as ckpt
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -38,7 +38,8 @@ def compose_eval(tmp_path, *overrides):
 def result(ray_cluster, serve_models, sample_index, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     spec = validate_eval(compose_eval(tmp, f"checkpoint={serve_models.alpha}", f"index.path={sample_index}",
-                                      f"qa.path={sample_path('qa_v2.jsonl')}", f"qa.changed_from={sample_path('qa.jsonl')}"))
+                                      f"qa.path={sample_path('qa_v2.jsonl')}", f"qa.changed_from={sample_path('qa.jsonl')}",
+                                      "eval.dtype=float32"))  # the perplexity reference below runs fp32
     return run_eval(spec, progress=lambda line: None), spec, tmp
 
 
@@ -121,7 +122,7 @@ def test_deterministic_with_other_workers_checkpoint_best_and_wandb(result, ray_
     again = run_eval(validate_eval(compose_eval(
         tmp_path, "checkpoint=best", f"index.path={sample_index}", f"qa.path={sample_path('qa_v2.jsonl')}",
         f"qa.changed_from={sample_path('qa.jsonl')}", "eval.num_workers=1", "tracking=wandb",
-        "tracking.mode=offline")), progress=lambda line: None)
+        "tracking.mode=offline", "eval.dtype=float32")), progress=lambda line: None)
     assert again["meta"]["checkpoint"] == str(serve_models.alpha)
     assert json.loads((tmp_path / "eval" / "wandb.json").read_text())["mode"] == "offline"
     assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -134,10 +135,10 @@ def test_every_config_problem_at_once(tmp_path, serve_models):
     with pytest.raises(ConfigError) as err:
         validate_eval(compose_eval(tmp_path, f"checkpoint={serve_models.alpha}", "eval.systems=[base,rag]",
                                    "index.path=/nonexistent", "eval.batch_size=0", "qa.path=/nope.jsonl",
-                                   "rag.template=no-question"))
+                                   "rag.template=no-question", "eval.dtype=fp8"))
     text = str(err.value)
     for needle in ("eval.systems", "index.path=/nonexistent", "eval.batch_size=0", "qa.path=/nope.jsonl",
-                   "{question}"):
+                   "{question}", "eval.dtype='fp8' is not one of auto, float32, bfloat16, float16"):
         assert needle in text
 
 

@@ -100,17 +100,23 @@ def test_validation_refuses_what_cannot_run_here(compose_train):
         validate_train(compose_train("model.kernels=unsloth"))
 
 
-def _local_losses(out, kernels):
+def _local_losses(runs: dict) -> dict:
+    """{kernels: out_dir} -> {kernels: 20 losses}: one-process training runs, side by side (one thread each)."""
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    procs = {kernels: subprocess.Popen(
         [sys.executable, "-m", "ragft.train.local", f"out_dir={out}", f"model.kernels={kernels}", "method=full",
          "strategy=zero2", "strategy.precision=fp32", "cluster.num_workers=1", "data.train_on_prompt=true",
-         "data.max_seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=20", "train.log_every=1",
-         "train.eval_every=100", "train.save_every=100", "train.lr=3e-3"],
-        cwd=out.parent, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+         "data.max_seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=20",
+         "train.log_every=1", "train.eval_every=100", "train.save_every=100", "train.lr=3e-3"],
+        cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) for kernels, out in runs.items()}
+    losses = {}
+    for kernels, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        lines = (runs[kernels] / "metrics.jsonl").read_text().splitlines()
+        losses[kernels] = [json.loads(line)["loss"] for line in lines]
+    return losses
 
 
 @pytest.mark.deepspeed
@@ -118,8 +124,8 @@ def test_twenty_training_steps_track_kernels_none(tmp_path, cache_dir):
     """The tiny model, full fine-tune (the LM head trains too), every position labelled, fp32: the losses of
     20 steps with model.kernels=ragft follow none's within 1e-3 relative (summation order differs, and
     Adam carries that difference forward)."""
-    none = _local_losses(tmp_path / "none", "none")
-    ragft = _local_losses(tmp_path / "ragft", "ragft")
+    losses = _local_losses({"none": tmp_path / "none", "ragft": tmp_path / "ragft"})
+    none, ragft = losses["none"], losses["ragft"]
     assert len(none) == len(ragft) == 20
     assert none[-1] < none[0]  # it trains
     assert ragft == pytest.approx(none, rel=1e-3)

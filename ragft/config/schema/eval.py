@@ -80,6 +80,9 @@ class EvalConfig:
     num_workers: int = 2  # Ray actors, each holding the base and the fine-tuned model
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    # auto: the precision training used on this hardware (bfloat16 where the device has native bf16, else
+    # float32) | float32 | bfloat16 | float16. float32 costs speed on bf16 hardware and matches fp32 references.
+    dtype: str = "auto"
     perplexity: bool = True  # teacher-forced perplexity of the reference answers under each system
     # transformers: ragft's engine (ragft.serve.transformers_engine); vllm: vLLM's (LoRA checkpoints,
     # eval.perplexity=false: vLLM 0.32 computes no prompt logprobs with an adapter loaded)
