@@ -171,14 +171,21 @@ def test_lm_eval_harness_against_the_server_equals_its_hf_backend(server, traine
     assert accuracy == reference["results"]["ragft_mc"]["acc,none"], (served["results"], reference["results"])
     assert 0.25 < accuracy  # better than chance: the weights and the scoring are the real ones
     by_doc = {s["doc_id"]: s for s in reference["samples"]["ragft_mc"]}
+    largest = 0.0
     for sample in served["samples"]["ragft_mc"]:
         got = [r[0] for r in sample["filtered_resps"]]
         want = [r[0] for r in by_doc[sample["doc_id"]]["filtered_resps"]]
         assert got == pytest.approx(want, abs=0.05), sample["doc"]["question"]
+        largest = max([largest, *(abs(g - w) for g, w in zip(got, want))])
+    print(f"\nlm-eval multiple choice: accuracy {accuracy:.3f} through ragft serve (local-completions), "
+          f"{reference['results']['ragft_mc']['acc,none']:.3f} with the hf backend; largest log-likelihood "
+          f"difference {largest:.2e}")
     generated = simple_evaluate(
         model="local-chat-completions", tasks=[lm_eval_task(tmp_path, "gen")], apply_chat_template=True,
         model_args=f"model=base,base_url={url}/chat/completions,num_concurrent=1,max_retries=1")
     assert 0 <= generated["results"]["ragft_gen"]["exact_match,none"] <= 1
+    print(f"lm-eval generation (local-chat-completions): exact match "
+          f"{generated['results']['ragft_gen']['exact_match,none']:.3f}")
     assert len(generated["samples"]["ragft_gen"]) == len(MC)
 
 

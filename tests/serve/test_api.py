@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -495,3 +496,4 @@ def test_fuzzed_requests_get_no_5xx_and_errors_in_openai_shape(server, method, p
 
     check()
     assert seen
+    print(f"\nschemathesis {method} {path} {mode}: {len(seen)} requests, status codes {sorted(Counter(seen).items())}")

@@ -102,8 +102,8 @@ class ServeConfig:
     retriever: DeploymentConfig = field(default_factory=DeploymentConfig)
     generator: DeploymentConfig = field(default_factory=DeploymentConfig)
     ready_timeout_s: float = 300.0  # how long `ragft serve` waits for the deployments to come up
-    # Ray Serve's HAProxy ingress instead of its Python HTTP proxy: about 7 ms less per request on
-    # 2 cores (launch/bench_serve.py). Applies where ragft starts Ray; an existing cluster needs
+    # Ray Serve's HAProxy ingress instead of its Python HTTP proxy: less overhead per request (figures:
+    # launch/bench_serve.py, README). Applies where ragft starts Ray; an existing cluster needs
     # RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start`.
     haproxy: bool = True
 
