@@ -41,12 +41,13 @@ LAUNCH = Path(__file__).resolve().parent
 REPO = LAUNCH.parent
 sys.path[:0] = [str(REPO), str(LAUNCH)]  # ragft from this checkout (it may not be installed), bench_kernels
 
-# Llama-3.2-1B's shape; the dry run's is tiny. vocab >= the sample tokenizer's 2,048 ids.
+# Llama-3.2-1B's shape; the dry run's is tiny. vocab >= the sample tokenizer's 2,048 ids. Head size 64 in both:
+# vLLM's CPU attention takes no smaller one.
 MODEL_SHAPES = {
     "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "dry": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+    "dry": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=4096, tie_word_embeddings=True),
 }
 RUN_BLOCKING_RAY = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['ragft.train.local', *sys.argv[1:]]; "
                     "runpy.run_module('ragft.train.local', run_name='__main__', alter_sys=True)")
@@ -175,7 +176,9 @@ if __name__ == "__main__":
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return {"status": "ok", **json.loads(line[7:])}
-    return {"status": "failed", "error": (proc.stdout + proc.stderr)[-1500:]}
+    output = proc.stdout + proc.stderr
+    causes = list(dict.fromkeys(line.split("] ")[-1] for line in output.splitlines() if "Error: " in line))
+    return {"status": "failed", "error": "\n".join(causes[:5]) + "\n...\n" + output[-800:]}
 
 
 def markdown(report: dict) -> str:
