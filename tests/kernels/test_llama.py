@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from helpers.random_llama import random_llama
 from ragft.config.spec import ConfigError, validate_train
 from ragft.data.pack import collate, pack
 from ragft.data.tokenize import IGNORE_INDEX, Encoded
@@ -25,11 +26,7 @@ VOCAB = 97
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.1)
-    return LlamaForCausalLM._from_config(config, dtype=torch.float32)
+    return random_llama(vocab_size=VOCAB, intermediate_size=48, initializer_range=0.1)
 
 
 def batch(train_on_prompt: bool, n: int = 6):

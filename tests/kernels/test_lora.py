@@ -9,18 +9,15 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers.random_llama import random_llama
 from ragft.kernels.lora import replay_lora_dropout
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lora_llama(dropout: float = 0.3):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.float32)
+    model = random_llama()
     # init_lora_weights=False: B is not zero, so A's gradient and the dropout mask matter from the first step
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
                                             init_lora_weights=False))

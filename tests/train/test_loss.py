@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from helpers.random_llama import random_llama
 from ragft.data.pack import collate, pack, unpacked
 from ragft.data.tokenize import IGNORE_INDEX, Encoded
 from ragft.train import loss as loss_module
@@ -31,11 +32,7 @@ def examples(n: int, seed: int = 0) -> list[Encoded]:
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.1)
-    return LlamaForCausalLM._from_config(config, dtype=torch.float32)
+    return random_llama(vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
