@@ -23,7 +23,7 @@ from pathlib import Path
 from ragft.config.schema import ClusterConfig
 from ragft.train.resume import override_key
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "ray_train.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "ray_train.sbatch"
 IN_ALLOCATION = "RAGFT_SLURM_ALLOCATION"  # set by the script: run here, do not submit again
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _LOCK = threading.Lock()  # Hydra's config store and GlobalHydra are process-wide: one composition at a time
 
 
