@@ -21,6 +21,7 @@ import yaml
 
 from helpers.ray_nodes import cluster_env, two_node_ray
 from ragft import registry
+from ragft.net import is_loopback
 from ragft.train.checkpoint import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +104,25 @@ def test_submit_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr.lower()
+
+
+@pytest.mark.ray
+def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
+    """`init_ray` as `ragft serve` calls it (dashboard on), in a process that imported Ray first: every port of
+    every process it started (GCS, raylet, workers, dashboard, agents, metrics exporter) is on loopback."""
+    probe = """
+import json, psutil, ray
+from ragft.cluster import init_ray
+init_ray(None, dashboard=True)
+ray.get(ray.remote(lambda: 1).remote())
+me = psutil.Process()
+print(json.dumps([[p.name(), c.laddr.ip, c.laddr.port] for p in [me, *me.children(recursive=True)]
+                  for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]))
+ray.shutdown()
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listening = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), listening
+    assert all(is_loopback(ip) for _, ip, _ in listening), listening

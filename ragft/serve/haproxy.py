@@ -9,21 +9,28 @@ reaches it; when Ray's own processes die first it is orphaned and keeps the API 
 
 `Private` gives one instance its own folder and free side ports. It points Ray at a small wrapper
 script as the HAProxy binary. Before each start or reload, the wrapper rewrites the two side-port
-binds of the rendered config to 127.0.0.1. Every HAProxy process of the instance names a file in that
-folder on its command line, which is how `Private.processes` finds them for `Private.stop`.
+binds of the rendered config to 127.0.0.1, and `Private.check_listening` checks afterwards where the
+running HAProxy really listens. Every HAProxy process of the instance names a file in that folder on its
+command line, which is how `Private.processes` finds them for `Private.stop`; a folder is only searched
+when ragft created it (`own_folder`), so no other path can make ragft stop a process.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import shutil
+import stat
 import tempfile
-import time
 from pathlib import Path
 
-from ragft.net import LOOPBACK, free_port
+from ragft.net import LOOPBACK, free_port, is_loopback
 
 SIDE_HOST = LOOPBACK  # the stats page and Prometheus endpoint have no authentication
+PREFIX = "ragft-haproxy-"
+
+
+class OpenSidePort(RuntimeError):
+    """HAProxy listens on a port other than the API port on an address other machines can reach."""
 
 WRAPPER = """#!/bin/sh
 # Written by ragft serve (ragft/serve/haproxy.py): bind HAProxy's stats and Prometheus frontends to
@@ -58,7 +65,7 @@ class Private:
 
     def __init__(self):
         # Short: the admin socket's path must fit a unix socket address (108 bytes).
-        self.folder = Path(tempfile.mkdtemp(prefix="ragft-haproxy-"))
+        self.folder = Path(tempfile.mkdtemp(prefix=PREFIX))
         self.stats_port, self.metrics_port = free_port(SIDE_HOST), free_port(SIDE_HOST)
         self.config = self.folder / "haproxy.cfg"
         wrapper = self.folder / "haproxy"
@@ -85,6 +92,37 @@ class Private:
         stop_all(self.processes())
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def check_listening(self, api_port: int) -> None:
+        """Raise OpenSidePort if this instance's HAProxy listens on a non-loopback address on any port but
+        `api_port` (where the user chose the address)."""
+        import psutil
+
+        open_ports = []
+        for process in self.processes():
+            try:
+                connections = process.net_connections("inet")
+            except psutil.Error:
+                continue  # ended meanwhile (a reload)
+            open_ports += [f"{c.laddr.ip}:{c.laddr.port}" for c in connections
+                           if c.status == psutil.CONN_LISTEN and c.laddr.port != api_port
+                           and not is_loopback(c.laddr.ip)]
+        if open_ports:
+            raise OpenSidePort(f"HAProxy listens on {', '.join(sorted(set(open_ports)))}, reachable from other "
+                               f"machines and without authentication (its stats or metrics page); expected "
+                               f"{SIDE_HOST} only. Stopping: check the HAProxy config Ray renders "
+                               f"({self.config}), or set serve.haproxy=false")
+
+
+def own_folder(folder: Path) -> bool:
+    """Whether `folder` is one ragft created for a `Private` HAProxy: directly under the temp dir, named with
+    its prefix, a real folder (not a symlink), the user's, mode 0700."""
+    try:
+        st = folder.lstat()
+    except OSError:
+        return False
+    return (folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith(PREFIX)
+            and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700)
+
 
 def processes_using(folder: Path) -> list:
     """The processes with a path under `folder` on their command line: a `Private` instance's HAProxy."""
@@ -105,11 +143,12 @@ def stop_all(processes: list, grace_s: float = 3.0) -> None:
 
     for send in (psutil.Process.terminate, psutil.Process.kill):
         for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            try:
                 send(process)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (processes := [p for p in processes if running(p)]):
-            time.sleep(0.05)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass  # ended already, or not ours to signal
+        # wait_procs reaps our own children and, like every psutil call here, never mistakes a reused pid
+        _, processes = psutil.wait_procs(processes, timeout=grace_s)
         if not processes:
             return
 

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from helpers.net import free_port, wait_http
+from ragft.net import is_loopback
 from ragft.serve import leftovers
 from ragft.serve.keys import ADMIN_KEY_ENV, API_KEYS_ENV
 
@@ -160,6 +161,10 @@ def test_sigkill_then_sigterm_to_the_process_then_to_its_group(serve_models, sam
         assert [listening.get(p) for p in side_ports] == ["127.0.0.1", "127.0.0.1"], listening
         started = third.processes()
         assert any(p.name() == "haproxy" for p in started)
+        # nothing this serve started (embedded Ray included) listens where other machines reach it
+        exposed = [(p.name(), c.laddr) for p in started for c in p.net_connections("inet")
+                   if c.status == "LISTEN" and not is_loopback(c.laddr.ip)]
+        assert not exposed, exposed
         output, seconds = third.signal(signal.SIGTERM, group=True)
     finally:
         third.kill()
@@ -169,4 +174,4 @@ def test_sigkill_then_sigterm_to_the_process_then_to_its_group(serve_models, sam
     assert_gone(started, [port, *side_ports])
     assert f"http://127.0.0.1:{port}/v1" in output and "ragft serve: stopping" in output
     assert (third.out / "access.log").read_text().count("\n") == 1
-    assert not list(leftovers.RECORDS.glob("*.json"))  # every serve that stopped removed its record
+    assert not list(leftovers.records_folder().glob("*.json"))  # every serve that stopped removed its record
