@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import os
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -50,6 +52,7 @@ def load_keys(env: Mapping[str, str] = os.environ, keys_file: Optional[str] = No
     if keys_file:
         path = Path(keys_file).expanduser()
         try:
+            warn_if_readable_by_others(path)
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object")
@@ -67,6 +70,14 @@ def load_keys(env: Mapping[str, str] = os.environ, keys_file: Optional[str] = No
     if short:
         problems.append(f"{len(short)} API key(s) are shorter than 16 characters: too easy to guess")
     return KeyRing(frozenset(map(digest, api)), frozenset(map(digest, admin))), problems
+
+
+def warn_if_readable_by_others(path: Path) -> None:
+    """Print a warning when users other than the owner may read the keys file (chmod 600 fixes it)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        print(f"ragft serve: warning: serve.api_keys_file={path} has mode {mode:o}: other users of this machine "
+              f"may read the keys; chmod 600 {path}", file=sys.stderr, flush=True)
 
 
 def _split(value: str) -> list[str]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ragft.cluster import init_ray
+from ragft.net import is_loopback
 from ragft.serve import leftovers
 from ragft.serve.haproxy import SIDE_HOST, Private, running
 from ragft.serve.spec import ServeSpec
@@ -67,13 +68,15 @@ def run_serve(spec: ServeSpec, wait: bool = True) -> dict:
             print("ragft serve: stopping", flush=True)
         finally:  # stopped, or failed to start: either way nothing this command started stays behind
             if stop.is_set() or sys.exc_info()[0] is not None:
-                shutdown(s.app_name, started_ray, ray_processes, haproxy)
+                # an app of that name on a Serve this command could not use is someone else's
+                mine = None if isinstance(sys.exc_info()[1], ServeElsewhere) else s.app_name
+                shutdown(mine, started_ray, ray_processes, haproxy)
                 if record is not None:
                     leftovers.forget(record)
     return info
 
 
-def _record(haproxy: Private | None) -> Path:
+def _record(haproxy: Private | None) -> Path | None:
     """Record what this command has started so far, for a later serve to clear if this one is killed."""
     import psutil
 
@@ -88,8 +91,11 @@ def _start(spec: ServeSpec, context_length: int, stop: threading.Event, haproxy:
     serve.start(http_options={"host": s.host, "port": s.port,
                               # the proxy's own limit is only a backstop: the ingress answers 504 first
                               "request_timeout_s": s.request_timeout_s + 30})
+    host, port = check_http_options(s.host, s.port, spec.keys.configured)
     _deploy(spec, context_length, stop)
-    info = {"url": f"http://{s.host}:{s.port}/v1", "app": s.app_name,
+    if haproxy is not None:
+        haproxy.check_listening(api_port=port)
+    info = {"url": f"http://{host}:{port}/v1", "app": s.app_name,
             "models": [{"id": m.id, **m.to_json()} for m in spec.models], "index_path": spec.index_path,
             "out_dir": spec.out_dir, "auth": "bearer keys" if spec.keys.configured else "none (loopback only)"}
     if haproxy is not None:
@@ -102,7 +108,39 @@ def _start(spec: ServeSpec, context_length: int, stop: threading.Event, haproxy:
     return info
 
 
-def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Private | None,
+class ServeElsewhere(RuntimeError):
+    exit_code = 2  # a request the running Serve cannot meet: nothing of this command's was deployed
+
+
+def serve_http_options() -> tuple[str, int]:
+    """The host and port Ray Serve's proxies really use: those of the Serve already running, if one was, since
+    serve.start keeps them and ignores the ones it is given."""
+    import ray
+
+    # The controller is the one authority on them; Serve names it so, in its own namespace.
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    options = ray.get(controller.get_http_config.remote())
+    return options.host, options.port
+
+
+def check_http_options(host: str, port: int, keys_configured: bool) -> tuple[str, int]:
+    """Raise ServeElsewhere unless Serve listens on `host`:`port` as asked, with keys if that is not loopback;
+    return where it listens."""
+    real_host, real_port = serve_http_options()
+    problems = []
+    if (real_host, real_port) != (host, port):
+        problems.append(f"Ray Serve is already running on {real_host}:{real_port}, not on serve.host={host} "
+                        f"serve.port={port} as asked, and keeps its address")
+    if not is_loopback(real_host) and not keys_configured:
+        problems.append(f"{real_host} is reachable from other machines but no API key is configured: set "
+                        f"RAGFT_API_KEYS (and RAGFT_ADMIN_KEY) or serve.api_keys_file")
+    if problems:
+        raise ServeElsewhere("; ".join(problems) + ". Not deploying: ask for the address Serve uses, or restart "
+                             "Serve (`serve shutdown`) on the one you want")
+    return real_host, real_port
+
+
+def shutdown(app_name: str | None, started_ray: bool, ray_processes: list, haproxy: Private | None,
              timeout_s: float = STOP_TIMEOUT_S) -> None:
     """Stop serving within `timeout_s` plus a few seconds, leaving nothing running that this command started.
 
@@ -117,7 +155,8 @@ def shutdown(app_name: str, started_ray: bool, ray_processes: list, haproxy: Pri
     from ray import serve
 
     def delete_then_stop() -> None:
-        serve.delete(app_name)  # the app DELETING: /health answers 503 while replicas finish what is in flight
+        if app_name is not None:
+            serve.delete(app_name)  # the app DELETING: /health answers 503 while replicas finish what is in flight
         if started_ray:
             serve.shutdown()
 

@@ -12,7 +12,6 @@ to a path, so no request can make the server read outside the folders configured
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
 from ragft.model.precision import DTYPES
+from ragft.net import is_loopback
 from ragft.rag import check_templates
 from ragft.serve.keys import KeyRing, load_keys
 from ragft.train import checkpoint as ckpt
@@ -131,6 +131,9 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         if not is_index(index_path):
             problems.append(f"index.path={job.index.path} holds no ragft index (no manifest.json); build one with "
                             f"`ragft index index.path=...`, or set index.path=null to serve without retrieval")
+    if job.index.keep_versions < 1:
+        problems.append(f"index.keep_versions={job.index.keep_versions} must be at least 1: an index update "
+                        f"through the admin API keeps this many versions on disk")
     problems += check_retrieval(job.retrieval)
     problems += check_templates(s.rag)
     if not 1 <= s.rag.k <= s.rag.max_k:
@@ -141,7 +144,7 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     # --- network and keys
     keys, found = load_keys(keys_file=s.api_keys_file)
     problems += found
-    if not _is_loopback(s.host) and not keys.configured:
+    if not is_loopback(s.host) and not keys.configured:
         problems.append(f"serve.host={s.host} is reachable from other machines but no API key is configured: "
                         f"set RAGFT_API_KEYS (and RAGFT_ADMIN_KEY for index updates) or serve.api_keys_file")
     if not 1 <= s.port <= 65535:
@@ -321,11 +324,3 @@ def _check_vllm(s: ServeConfig, models: list[ServedModel]) -> list[str]:
         problems.append(f"serve.vllm.max_num_seqs={v.max_num_seqs} must be at least 1 (or null)")
     return problems
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

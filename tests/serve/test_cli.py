@@ -52,6 +52,33 @@ def test_a_port_in_use_is_refused_in_one_line_before_anything_starts(serve_model
     assert "ray" not in proc.stdout.lower()
 
 
+@pytest.mark.ray
+def test_a_serve_already_running_elsewhere_is_refused(ray_cluster, serve_models, compose_serve, tmp_path):
+    """serve.start keeps the options of a Serve already up: the command reads them back and refuses to deploy
+    on an address it was not asked for, here a public one without keys."""
+    from ray import serve
+
+    from ragft.serve.run import ServeElsewhere, check_http_options, run_serve
+    from ragft.serve.spec import validate_serve
+
+    running, asked = free_port(), free_port()
+    serve.start(http_options={"host": "0.0.0.0", "port": running})
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.delenv(API_KEYS_ENV, raising=False)
+            patch.delenv(ADMIN_KEY_ENV, raising=False)
+            spec = validate_serve(compose_serve(f"checkpoint={serve_models.alpha}", "index.path=null",
+                                                f"serve.port={asked}", f"out_dir={tmp_path / 'run'}"))
+        with pytest.raises(ServeElsewhere) as err:
+            run_serve(spec, wait=False)
+        assert f"already running on 0.0.0.0:{running}, not on serve.host=127.0.0.1 serve.port={asked}" \
+            in str(err.value) and "no API key is configured" in str(err.value)
+        assert spec.serve.app_name not in serve.status().applications and not (tmp_path / "run" / "serve.json").exists()
+        assert check_http_options("0.0.0.0", running, keys_configured=True) == ("0.0.0.0", running)
+    finally:
+        serve.shutdown()
+
+
 class Serving:
     """A foreground `ragft serve` in a session of its own, as a process manager starts it."""
 

@@ -40,13 +40,13 @@ def test_every_problem_at_once(compose_serve, serve_models, tmp_path, no_keys):
             "serve.rag.template='Context: {context}'",  # no {question}
             "serve.rag.k=50", "serve.default_max_tokens=0", "serve.batch.max_batch_size=0",
             "serve.generator.min_replicas=2", "serve.generator.max_replicas=1", "retrieval.mode=magic",
-            "serve.detach=true", "serve.dtype=int3"))
+            "serve.detach=true", "serve.dtype=int3", "index.keep_versions=0"))
     text = str(err.value)
     for needle in ("unique", "holds no ragft index", "no API key is configured", "{question}", "serve.rag.k=50",
                    "default_max_tokens=0", "max_batch_size=0", "min_replicas", "retrieval.mode='magic'",
-                   "serve.detach=true", "serve.dtype='int3'"):
+                   "serve.detach=true", "serve.dtype='int3'", "index.keep_versions=0"):
         assert needle in text, needle
-    assert len(err.value.problems) == 11
+    assert len(err.value.problems) == 12
 
 
 def test_non_loopback_host_starts_with_keys(compose_serve, serve_models, monkeypatch):
@@ -62,11 +62,16 @@ def test_non_loopback_host_starts_with_keys(compose_serve, serve_models, monkeyp
     assert digest(USER_KEY) in spec.keys.api
 
 
-def test_keys_file(tmp_path, no_keys):
+def test_keys_file(tmp_path, no_keys, capsys):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"api_keys": [USER_KEY], "admin_keys": [ADMIN_KEY]}))
+    path.chmod(0o600)
     keys, problems = load_keys(os.environ, str(path))
     assert not problems and keys.role(f"Bearer {ADMIN_KEY}") == "admin"
+    assert "warning" not in capsys.readouterr().err
+    path.chmod(0o644)  # the usual umask's: every user of the machine reads the keys
+    load_keys(os.environ, str(path))
+    assert f"has mode 644: other users of this machine may read the keys; chmod 600 {path}" in capsys.readouterr().err
     path.write_text(json.dumps({"api_keys": ["short"], "admins": []}))
     _, problems = load_keys(os.environ, str(path))
     assert "unknown fields ['admins']" in problems[0]
