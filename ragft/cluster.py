@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
+from pathlib import Path
 
 from ragft.net import LOOPBACK
 
@@ -36,10 +39,32 @@ def init_ray(address: str | None, cpus_needed: int = 0, dashboard: bool | None =
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.update({k: v for k, v in EMBEDDED_RAY_ENV.items() if k not in os.environ})
+        keep_ray_token_private()
         with loopback_only():
             # Logical CPUs, not cores: actors and Ray Data's own tasks need theirs even on a 2-core machine.
             ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), log_to_driver=True, configure_logging=False,
                      include_dashboard=dashboard, _node_ip_address=LOOPBACK)
+
+
+def keep_ray_token_private() -> None:
+    """Make Ray's token file (~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH) readable by this user only.
+
+    Loopback keeps other machines out, not other users of this one: the token does. Ray writes it with the
+    default umask (0644 usually), where any user who can enter the home folder reads it; so ragft creates
+    it first, mode 0600, in Ray's format (64 hex characters), or narrows one found open.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return  # no token file in use
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 @contextlib.contextmanager

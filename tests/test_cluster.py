@@ -11,6 +11,7 @@ use the state API over HTTP (address=, no ray.init).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -109,7 +110,8 @@ def test_submit_script_is_valid_bash():
 @pytest.mark.ray
 def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
     """`init_ray` as `ragft serve` calls it (dashboard on), in a process that imported Ray first: every port of
-    every process it started (GCS, raylet, workers, dashboard, agents, metrics exporter) is on loopback."""
+    every process it started (GCS, raylet, workers, dashboard, agents, metrics exporter) is on loopback, and
+    Ray's token, which keeps other users of the machine out, is the user's alone."""
     probe = """
 import json, psutil, ray
 from ragft.cluster import init_ray
@@ -120,8 +122,13 @@ print(json.dumps([[p.name(), c.laddr.ip, c.laddr.port] for p in [me, *me.childre
                   for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]))
 ray.shutdown()
 """
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # a user with no Ray token yet: the one Ray then uses is readable by them only
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    token = tmp_path / ".ray" / "auth_token"
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text()) == 64
     listening = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), listening
