@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ragft.jsonl import append_jsonl
+from ragft.jsonl import append_jsonl, read_records
 
 class RegistryError(LookupError):
     """`best` or `latest` named a checkpoint the registry cannot provide."""
@@ -121,13 +121,7 @@ def _events(path: Path) -> Iterator[dict]:
     if not path.is_file():
         return
     with open(path) as f:
-        fcntl.flock(f, fcntl.LOCK_SH)
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash mid-write: the rest is still good
-                continue
-            if isinstance(event, dict) and "checkpoint" in event and "time" in event:
+        fcntl.flock(f, fcntl.LOCK_SH)  # no writer is mid-line while we read
+        for event in read_records(path):  # a line cut by a crash is skipped: the rest is still good
+            if "checkpoint" in event and "time" in event:
                 yield event

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from ragft import registry
 from ragft.eval.metrics import finite
+from ragft.jsonl import read_records
 
 STATUS_FILE = "status.json"  # written into a trial folder by a launcher that knows more than the folder shows
 
@@ -38,7 +39,7 @@ def collect(sweep_dir: Path, metric: str, mode: str) -> list[dict]:
 def _trial(folder: Path, metric: str) -> dict:
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    history = [json.loads(line) for line in _lines(folder / "metrics.jsonl")]
+    history = read_records(folder / "metrics.jsonl")
     with_metric = [h for h in history if finite(h.get(metric)) is not None]
     last = with_metric[-1] if with_metric else {}
     result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else None
@@ -140,10 +141,6 @@ class SweepReport(Callback):
         print(f"sweep {summary['name']}: {len(summary['trials'])} trials → {sweep_dir / 'sweep.md'}"
               + (f"; best trial {best['num']} {metric}={best['value']:.4f}" if best
                  else "; no trial reached an evaluation"), flush=True)
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.is_file() else []
 
 
 def _newest_checkpoint(folder: Path) -> str | None:

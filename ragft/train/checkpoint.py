@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ragft.jsonl import sync_folder, write_text_atomic
+
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -107,6 +109,7 @@ def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state
         final = root / str(step)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run may redo a step it had saved
         tmp.rename(final)
+        sync_folder(root)  # the rename is what makes the checkpoint count: make it durable before pruning
         prune(root, spec.train.keep_last)
         saved = SavedCheckpoint(step, final, folder_size(final), time.perf_counter() - started,
                                 hash_seconds)
@@ -168,8 +171,13 @@ def files_written_by(folder: Path, rank: int, world_size: int) -> list[str]:
 
 
 def save_rng_state(folder: Path, rank: int) -> None:
-    """Each rank's RNG streams (dropout masks, shuffles), so a resumed run draws what the original would."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Each rank's RNG streams (dropout masks, shuffles), so a resumed run draws what the original would.
+
+    Stored as tensors and plain numbers only, so that resume loads it with `weights_only=True`: a checkpoint
+    that travelled between machines cannot run code through this file."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     (folder / RNG_DIR).mkdir(exist_ok=True)
@@ -181,9 +189,10 @@ def load_rng_state(folder: Path, rank: int) -> bool:
     path = folder / RNG_DIR / f"rank-{rank}.pt"
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -201,8 +210,9 @@ def latest_valid(checkpoints_dir: str | Path) -> Path | None:
     if group:
         dist.broadcast_object_list(candidates, src=0)  # one list for all ranks, even if a save lands meanwhile
     for folder in reversed(candidates[0]):
-        files = sorted(json.loads((folder / MANIFEST).read_text())["files"])
-        bad = verify(folder, share(folder, files, rank, world_size))
+        manifest = read_manifest(folder)
+        files = sorted(manifest["files"]) if manifest else []
+        bad = verify(folder, share(folder, files, rank, world_size)) if manifest else [MANIFEST]
         if group:
             found = [None] * world_size
             dist.all_gather_object(found, bad)
@@ -210,8 +220,8 @@ def latest_valid(checkpoints_dir: str | Path) -> Path | None:
         if not bad:
             return folder
         if rank == 0:
-            print(f"warning: skipping damaged checkpoint {folder}: sha256 mismatch in {', '.join(bad[:3])}",
-                  flush=True)
+            why = "unreadable manifest" if bad == [MANIFEST] else f"sha256 mismatch in {', '.join(bad[:3])}"
+            print(f"warning: skipping damaged checkpoint {folder}: {why}", flush=True)
     return None
 
 
@@ -241,7 +251,17 @@ def write_manifest(folder: Path, spec, step: int, metrics: dict, files: dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": dict(sorted(files.items())),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """A checkpoint's manifest, or None when it cannot be read as one (a damaged checkpoint, to be skipped)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("metrics", {}), dict)
+    return manifest if ok else None
 
 
 def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
@@ -273,7 +293,8 @@ def best_by_eval_loss(checkpoints: list[Path]) -> Path | None:
     """The checkpoint evaluated at its own step with the lowest eval loss (the earliest on ties); None if none was."""
     best, best_loss = None, float("inf")
     for folder in checkpoints:
-        loss = json.loads((folder / MANIFEST).read_text())["metrics"].get("eval_loss")
+        manifest = read_manifest(folder)
+        loss = manifest.get("metrics", {}).get("eval_loss") if manifest else None
         if loss is not None and loss < best_loss:
             best, best_loss = folder, loss
     return best

@@ -11,7 +11,6 @@ a GPU box without Ray installed); `train_loop_per_worker` adapts it to Ray Train
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ from ragft.config.spec import TrainSpec
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
 from ragft.data.tokenize import IGNORE_INDEX
-from ragft.jsonl import append_jsonl
+from ragft.jsonl import append_jsonl, read_records, write_jsonl
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint
 from ragft.train.deepspeed_config import render, warmup_cosine
@@ -291,8 +290,7 @@ def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, i
 def truncate_history(path: Path, step: int) -> None:
     """Drop logged steps after `step`: the resumed run logs them again from the checkpoint."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_jsonl(path, [row for row in read_records(path) if row.get("step", step + 1) <= step], atomic=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ from typing import Sequence
 from ragft import registry
 from ragft.cluster import init_ray
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
+from ragft.jsonl import read_records
 from ragft.signals import on_stop_signal
 from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
@@ -235,9 +236,8 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
 
 def last_metrics(spec: TrainSpec) -> dict:
     """The final logged metrics, from the history rank 0 wrote (Ray keeps them only with its own checkpoints)."""
-    path = Path(spec.out_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    history = read_records(Path(spec.out_dir) / "metrics.jsonl")
+    return history[-1] if history else {}
 
 
 def print_summary(summary: dict) -> None:

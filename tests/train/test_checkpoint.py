@@ -4,14 +4,21 @@ result.json and the registry name once a run is over (every one of them a folder
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import random
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
+import torch
+
 from ragft import registry
 from ragft.config.spec import DataPlan, validate_train
-from ragft.train.checkpoint import (MANIFEST, complete_checkpoints, files_written_by, inference_files, prune,
-                                    sha256_file, share, verify)
+from ragft.train.checkpoint import (MANIFEST, RNG_DIR, complete_checkpoints, files_written_by, inference_files,
+                                    latest_valid, load_rng_state, prune, save_rng_state, sha256_file, share, verify)
 from ragft.train.run import write_result
 
 
@@ -78,3 +85,33 @@ def test_result_and_registry_name_only_checkpoints_that_exist(compose_train, tmp
     best = registry.resolve(spec.registry_path, "best", "train.eval_loss", "min")
     assert best.checkpoint == str(checkpoints / "4")
     assert registry.resolve(spec.registry_path, "latest").checkpoint == str(checkpoints / "12")
+
+
+def test_a_damaged_manifest_is_skipped_not_raised(tmp_path, capsys):
+    good, torn = fake_checkpoint(tmp_path, 1, 0.5), fake_checkpoint(tmp_path, 2, 0.4)
+    (torn / MANIFEST).write_text('{"run_id": "r", "fil')  # renamed in place, then the disk filled
+    assert latest_valid(tmp_path) == good
+    assert "unreadable manifest" in capsys.readouterr().out
+    prune(tmp_path, keep_last=1)  # reads every manifest for the best eval loss: must not raise
+    assert torn.is_dir()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_rng_state_round_trips_and_loads_without_unpickling(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    save_rng_state(tmp_path, 0)
+    expected = (random.random(), np.random.randn(), torch.rand(2).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert load_rng_state(tmp_path, 0)
+    assert (random.random(), np.random.randn(), torch.rand(2).tolist()) == expected
+    torch.load(tmp_path / RNG_DIR / "rank-0.pt", weights_only=True)  # tensors and numbers only
+
+    # A forged RNG file that would run code when unpickled is refused, not run.
+    (tmp_path / RNG_DIR / "rank-1.pt").write_bytes(pickle.dumps({"python": RunsCode()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_rng_state(tmp_path, 1)
