@@ -48,6 +48,9 @@ def records_folder() -> Path:
         folder.mkdir(mode=0o700)
     except FileExistsError:
         pass
+    except OSError as err:  # XDG_RUNTIME_DIR gone (a login ended), the temp dir read-only
+        raise UnsafeRecords(f"{folder} cannot be created ({err.strerror}): leftovers of a killed serve are neither "
+                            f"recorded nor cleared") from None
     problem = private_folder_problem(folder)
     if problem:
         raise UnsafeRecords(f"{folder} {problem}: not using it, so leftovers of a killed serve are neither "
@@ -56,7 +59,7 @@ def records_folder() -> Path:
 
 
 def private_folder_problem(folder: Path) -> Optional[str]:
-    """Why only this user could not have written `folder` (a symlink, someone else's, mode not 0700); None if fine."""
+    """Why someone other than this user may have written in `folder` (a symlink, not theirs, mode not 0700), or None."""
     try:
         st = folder.lstat()
     except OSError as err:

@@ -131,7 +131,7 @@ def check_http_options(host: str, port: int, keys_configured: bool) -> tuple[str
     if (real_host, real_port) != (host, port):
         problems.append(f"Ray Serve is already running on {real_host}:{real_port}, not on serve.host={host} "
                         f"serve.port={port} as asked, and keeps its address")
-    if not is_loopback(real_host) and not keys_configured:
+    if real_host is not None and not is_loopback(real_host) and not keys_configured:  # None: no HTTP proxy
         problems.append(f"{real_host} is reachable from other machines but no API key is configured: set "
                         f"RAGFT_API_KEYS (and RAGFT_ADMIN_KEY) or serve.api_keys_file")
     if problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,6 @@ def test_a_forged_record_deletes_and_kills_nothing_through_ragft_serve(runtime_d
     records = leftovers.records_folder()
     assert records.parent == runtime_dir
     forge(records, folder, process)
-    import socket
-
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
