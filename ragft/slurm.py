@@ -13,6 +13,7 @@ and RAGFT_SLURM_ALLOCATION=1, so the job is the ordinary Ray Train job on the al
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -55,8 +56,30 @@ def check(cl: ClusterConfig) -> list[str]:
     bad = [line for line in cl.sbatch_extra if not line.startswith("-")]
     if bad:
         problems.append(f"cluster.sbatch_extra: {bad} are not sbatch options (e.g. --exclusive)")
+    problems += unsafe_values(cl)
     if not cl.dry_run and not in_allocation() and shutil.which("sbatch") is None:
         problems.append("cluster=slurm needs sbatch on PATH (cluster.dry_run=true only prints the script)")
+    return problems
+
+
+# What sbatch option values need (partition lists, constraint expressions, memory sizes, gres): anything else
+# could end the `#SBATCH` line the value is written into and start a shell line of its own.
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/\-\[\]&|!*()]+")
+SAFE_OPTION = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9_-]*([= ][A-Za-z0-9_.,:=@%+/\-\[\]&|!*()]+)?")
+
+
+def unsafe_values(cl: ClusterConfig) -> list[str]:
+    """The cluster values rendered into `#SBATCH` lines that hold a line break or a character outside the safe set."""
+    problems = []
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        value = getattr(cl, key)
+        if value is not None and not SAFE_VALUE.fullmatch(str(value)):
+            problems.append(f"cluster.{key}={str(value)!r} holds characters sbatch values never need (allowed: "
+                            f"letters, digits and _.,:=@%+/-[]&|!*())")
+    for line in cl.sbatch_extra:
+        if str(line).startswith("-") and not SAFE_OPTION.fullmatch(str(line)):
+            problems.append(f"cluster.sbatch_extra: {str(line)!r} is not one sbatch option on one line "
+                            f"(e.g. --exclusive or --gres=gpu:8)")
     return problems
 
 
@@ -89,7 +112,7 @@ def render(spec, overrides: list[str]) -> str:
     inner = [o for o in overrides if not o.startswith(("out_dir=", "resume=", "cluster.dry_run=", "cluster.address="))]
     inner.append(f"out_dir={spec.out_dir}")  # the submit-time folder, not a new timestamp
     return env.from_string(TEMPLATE.read_text()).render(
-        job_name=f"ragft-{spec.run_id}",
+        job_name="ragft-" + re.sub(r"[^A-Za-z0-9_.-]", "-", spec.run_id),  # run_id may come from a resumed spec.json
         nodes=cl.nodes,
         cpus_per_task=cl.cpus_per_task,
         gpus_per_node=cl.gpus_per_node,

@@ -39,6 +39,21 @@ def test_bad_slurm_values_are_listed_together(compose_train):
         assert expected in text
 
 
+def test_values_that_could_break_out_of_an_sbatch_line_are_refused(compose_train):
+    cfg = compose_train(*CPU_SLURM, "cluster.partition='gpu\nrm -rf ~'", "cluster.account='ml;id'",
+                        "cluster.qos='a b'", "cluster.constraint='a100&(ib|eth)'", "cluster.mem=400G",
+                        "cluster.sbatch_extra=['--exclusive','--comment=x\ntouch /tmp/pwned','--gres=gpu:8']",
+                        "cluster.dry_run=true")
+    with pytest.raises(ConfigError) as err:
+        validate_train(cfg)
+    text = str(err.value)
+    for expected in ("cluster.partition='gpu\\nrm -rf ~'", "cluster.account='ml;id'", "cluster.qos='a b'",
+                     "'--comment=x\\ntouch /tmp/pwned' is not one sbatch option"):
+        assert expected in text, expected
+    for fine in ("cluster.constraint", "cluster.mem", "'--exclusive'", "'--gres=gpu:8'"):  # real sbatch syntax passes
+        assert fine not in text, fine
+
+
 def test_rendered_script_for_4_nodes_of_8_gpus(compose_train, tmp_path):
     spec = validate_train(compose_train("cluster=slurm", "cluster.nodes=4", "cluster.gpus_per_node=8",
                                         "cluster.partition=gpu", "cluster.account=ml", "cluster.time=12:00:00",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop what local_up.sh started, by the pids it recorded: jobs first (they outlive slurmd), then the daemons.
 set -uo pipefail
-DIR=${RAGFT_SLURM_DIR:-/tmp/ragft-slurm}
+DIR=${RAGFT_SLURM_DIR:-/tmp/ragft-slurm-$(id -u)}
 export SLURM_CONF="$DIR/etc/slurm.conf"
 [ -f "$SLURM_CONF" ] && scancel --full --quiet -u "$(id -un)" 2>/dev/null && sleep 1
 for name in slurmd slurmctld munged; do

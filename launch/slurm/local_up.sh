@@ -3,12 +3,22 @@
 # no systemd, munge with its own key and socket, slurmctld + slurmd as root, every file under one folder.
 #
 #   launch/slurm/local_up.sh            # installs slurm-wlm + munge if missing (root on Debian), starts
-#   export SLURM_CONF=/tmp/ragft-slurm/etc/slurm.conf   # every client (sbatch, squeue, submitit) needs it
+#   export SLURM_CONF=/tmp/ragft-slurm-$(id -u)/etc/slurm.conf   # every client (sbatch, squeue, submitit) needs it
 #   launch/slurm/local_down.sh          # cancels the jobs, stops the daemons by the pids this recorded
 #
-# RAGFT_SLURM_DIR moves the folder (default /tmp/ragft-slurm). Prints `SLURM_CONF=<path>` last.
+# RAGFT_SLURM_DIR moves the folder (default /tmp/ragft-slurm-<uid>). Prints `SLURM_CONF=<path>` last.
+# /tmp is shared: the folder must be ours and a real folder, not one another user made or a link they planted
+# (this runs as root and writes keys and configs there).
 set -euo pipefail
-DIR=${RAGFT_SLURM_DIR:-/tmp/ragft-slurm}
+DIR=${RAGFT_SLURM_DIR:-/tmp/ragft-slurm-$(id -u)}
+if [ -L "$DIR" ] || { [ -e "$DIR" ] && { [ ! -d "$DIR" ] || [ ! -O "$DIR" ]; }; }; then
+    echo "$DIR is a link, not a folder, or not ours: refusing to use it (set RAGFT_SLURM_DIR)" >&2
+    exit 2
+fi
+mkdir -p -m 755 "$DIR"
+for sub in munge run log etc spool spool/ctld spool/d; do
+    if [ -L "$DIR/$sub" ]; then echo "$DIR/$sub is a link: refusing to use it" >&2; exit 2; fi
+done
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
