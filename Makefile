@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= test
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm vllm-install install bench clean
+.PHONY: demo test test-vllm vllm-install install bench docs clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_loss.py
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_serve.py
+
+# The manual (mkdocs.yml, docs/): --strict fails on a broken link or a page left out of the nav. Needs only
+# mkdocs and its theme (the `docs` extra's versions), not the training stack.
+docs:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import mkdocs, material' 2>/dev/null || $(PY) -m pip install --quiet 'mkdocs>=1.6,<2' 'mkdocs-material>=9.5'
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf runs outputs .pytest_cache
