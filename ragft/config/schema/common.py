@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ragft.config.schema.choices import ClusterName, Direction, Kernels, TrackingMode, TrackingName
+
 
 @dataclass
 class ModelConfig:
@@ -25,7 +27,7 @@ class ModelConfig:
     # Training kernels for Llama-family models (ragft.kernels): none (transformers' modules); ragft
     # (chunked linear + cross-entropy, memory-lean RMSNorm / SwiGLU / RoPE: Triton on CUDA, torch on CPU);
     # liger (Liger-Kernel, CUDA only, for comparison).
-    kernels: str = "none"
+    kernels: Kernels = Kernels.none
     # Architecture of the tiny model (used only when source=tiny).
     hidden_size: int = 128
     num_layers: int = 2
@@ -41,14 +43,14 @@ class ModelConfig:
 class ClusterConfig:
     """Where the workers run: an embedded local Ray (default), a Ray cluster, or Slurm."""
 
-    name: str = "local"  # local | ray | slurm
+    name: ClusterName = ClusterName.local
     address: Optional[str] = None  # Ray address for cluster=ray: host:6379, or auto on a cluster node
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker restarts from the latest checkpoint before the job fails
     peak_tflops: Optional[float] = None  # per device, for MFU when the GPU is not in ragft's table
-    # cluster=slurm: the allocation `ragft train` asks for (ragft.slurm renders slurm/ray_train.sbatch).
+    # cluster=slurm: the allocation `ragft train` asks for (ragft.slurm renders ragft/templates/ray_train.sbatch).
     # One Slurm task per node runs a Ray node; the training job inside is the same Ray Train job.
     nodes: int = 1
     gpus_per_node: int = 0
@@ -61,7 +63,9 @@ class ClusterConfig:
     constraint: Optional[str] = None
     sbatch_extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--exclusive"]
     setup: list[str] = field(default_factory=list)  # shell lines before Ray starts (module load, venv ...)
-    signal_lead_s: int = 300  # USR1 this long before the limit: checkpoint, requeue, resume on the next run
+    # USR1 this long before the limit: checkpoint, requeue, resume on the next run. Give it the time one
+    # checkpoint of your model takes to write, with margin.
+    signal_lead_s: int = 300
     requeue: bool = True  # false: a preempted/timed-out job checkpoints and ends instead of requeueing
     ray_port: int = 6379  # the head's GCS port inside the allocation
     dry_run: bool = False  # print the rendered sbatch script instead of submitting it
@@ -71,8 +75,8 @@ class ClusterConfig:
 class TrackingConfig:
     """Experiment tracking. Rank 0 only."""
 
-    name: str = "none"  # none | wandb
-    mode: str = "offline"  # online | offline | disabled
+    name: TrackingName = TrackingName.none
+    mode: TrackingMode = TrackingMode.offline  # offline writes wandb/offline-run-* for `wandb sync` later
     project: str = "ragft"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -86,4 +90,4 @@ class RegistryConfig:
 
     path: str = "runs/registry.jsonl"  # one file for every run under runs/ (shared storage on a cluster)
     best_metric: str = "ft_rag.token_f1"  # "<system>.<metric>" as `ragft eval` records it
-    best_mode: str = "max"  # max | min (e.g. a loss)
+    best_mode: Direction = Direction.max  # min for a loss

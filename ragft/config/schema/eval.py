@@ -10,6 +10,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from ragft.config.schema.choices import Dtype, Engine, GoldPosition, OnBadRow
 from ragft.config.schema.common import ClusterConfig, RegistryConfig, TrackingConfig
 from ragft.config.schema.index import IndexConfig, RetrievalConfig
 from ragft.config.schema.serve import RagConfig, VLLMConfig
@@ -20,7 +21,7 @@ class QuestionsConfig:
     """A question file (DESIGN.md §3): {id, question, answer, doc_ids?} per line."""
 
     path: str = MISSING
-    on_bad_row: str = "error"  # error: stop with file and line | skip: skip and count
+    on_bad_row: OnBadRow = OnBadRow.error  # error: stop with file and line | skip: skip and count
     # eval only: the same questions answered as of training time. Questions whose answer differs (or that
     # it lacks) are "changed", the rest "unchanged": the report splits every metric by it. Without it a
     # row's own boolean `changed` key is used when every row has one.
@@ -38,8 +39,10 @@ class RaftConfig:
     # A seeded sample of this many training questions (null: all): training time grows with the rows, and a
     # pretrained model learns the answer style and to read its context from a few hundred.
     max_questions: Optional[int] = None
-    closed_book_fraction: float = 0.25  # no context at all: the prompt a model without retrieval sees
-    gold_fraction: float = 0.8  # of the rest: the gold chunk among distractors; otherwise distractors only
+    # no context at all: the prompt a model without retrieval sees, which keeps it answering from memory too
+    closed_book_fraction: float = 0.25
+    # of the rest (RAFT's P): the gold chunk among distractors; otherwise distractors only, answered from memory
+    gold_fraction: float = 0.8
     # Of the gold examples: the answer is swapped, in the chunk and in the reply, for another question's
     # answer of the same shape (digits, capitals, length). The reply is then only right if read from the
     # context, which is what teaches a model to follow an updated document over what it memorised.
@@ -52,7 +55,7 @@ class RaftConfig:
     # retrieved: the context is what the index returns for the question (the gold chunk where it ranks, or in
     # place of the last hit when it misses): the served distribution. random: the gold chunk at any position
     # among sampled distractors (the RAFT paper): the model must find it by content.
-    gold_position: str = "retrieved"
+    gold_position: GoldPosition = GoldPosition.retrieved
     system: Optional[str] = None  # a system message on every example
 
 
@@ -62,6 +65,7 @@ class RaftJobConfig:
 
     qa: QuestionsConfig = field(default_factory=QuestionsConfig)  # training questions, never the eval ones
     index: IndexConfig = field(default_factory=IndexConfig)  # built from the corpus the questions are about
+    # as serve's: the distractors are what serving really puts beside the answer
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rag: RagConfig = field(default_factory=RagConfig)  # must equal serve.rag: the prompt trained on is the one served
     raft: RaftConfig = field(default_factory=RaftConfig)
@@ -75,18 +79,18 @@ class EvalConfig:
     """How `ragft eval` scores: which systems, how long answers may be, how the work is spread."""
 
     systems: list[str] = field(default_factory=lambda: ["base", "base_rag", "ft", "ft_rag"])
-    max_tokens: int = 24  # per answer, greedy; short-answer questions need few
-    batch_size: int = 32  # questions per generation batch (one Ray task)
-    num_workers: int = 2  # Ray actors, each holding the base and the fine-tuned model
+    max_tokens: int = 24  # per answer, greedy; short-answer questions need few, and each costs every system a step
+    batch_size: int = 32  # questions per generation batch (one Ray task): larger decodes faster, each answer later
+    num_workers: int = 2  # Ray actors, each holding the base and the fine-tuned model (a LoRA one shares the base)
     cpus_per_worker: int = 1
     use_gpu: bool = False
     # auto: the precision training used on this hardware (bfloat16 where the device has native bf16, else
     # float32) | float32 | bfloat16 | float16. float32 costs speed on bf16 hardware and matches fp32 references.
-    dtype: str = "auto"
-    perplexity: bool = True  # teacher-forced perplexity of the reference answers under each system
+    dtype: Dtype = Dtype.auto
+    perplexity: bool = True  # teacher-forced perplexity of the answers under each system: cheap next to generation
     # transformers: ragft's engine (ragft.serve.transformers_engine); vllm: vLLM's (LoRA checkpoints,
     # eval.perplexity=false: vLLM 0.32 computes no prompt logprobs with an adapter loaded)
-    engine: str = "transformers"
+    engine: Engine = Engine.transformers
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     max_questions: Optional[int] = None  # the first N questions only (a quick look)
     disagreements: int = 30  # per-question rows in report.md where the systems disagree
@@ -100,7 +104,7 @@ class EvalJobConfig:
     base: Optional[str] = None  # the model `base` means; null: the one the checkpoint was trained from
     qa: QuestionsConfig = field(default_factory=QuestionsConfig)
     index: IndexConfig = field(default_factory=IndexConfig)  # index.path null: only base and ft are scored
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # as serve's: the prompt scored is the one served
     rag: RagConfig = field(default_factory=RagConfig)  # must equal serve.rag (same prompt as served)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

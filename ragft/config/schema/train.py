@@ -10,6 +10,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from ragft.config.schema.choices import DataFormat, Direction, MethodName, OnBadRow, Precision, QuantType, Scheduler
 from ragft.config.schema.common import ClusterConfig, ModelConfig, RegistryConfig, TrackingConfig
 
 
@@ -17,14 +18,14 @@ from ragft.config.schema.common import ClusterConfig, ModelConfig, RegistryConfi
 class MethodConfig:
     """Which weights train: all of them (full) or low-rank adapters (lora / qlora)."""
 
-    name: str = "lora"  # full | lora | qlora
-    r: int = 16
-    alpha: int = 32
+    name: MethodName = MethodName.lora
+    r: int = 16  # rank: more capacity, more memory
+    alpha: int = 32  # the update is scaled by alpha / r
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    quant_type: str = "nf4"  # qlora only: nf4 | fp4
+    quant_type: QuantType = QuantType.nf4  # qlora only
 
 
 @dataclass
@@ -38,7 +39,7 @@ class StrategyConfig:
     # auto: bf16 where the device multiplies it natively (Ampere+ GPUs; CPUs with AMX or AVX-512 BF16), else
     # fp32. On GPUs DeepSpeed keeps bf16 weights with fp32 master copies; on CPUs the weights and gradients
     # stay fp32 (gloo reduces them) and the forward pass runs under bf16 autocast.
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: Precision = Precision.auto
     grad_clip: float = 1.0
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's own default).
     param_persistence_threshold: int = 100_000
@@ -55,14 +56,14 @@ class DataConfig:
     train_path: str = MISSING
     eval_path: Optional[str] = None  # when unset, `eval_fraction` of train is held out
     eval_fraction: float = 0.05
-    format: str = "auto"  # auto | jsonl | hf | parquet
+    format: DataFormat = DataFormat.auto
     max_seq_len: int = 256
     packing: bool = True  # several examples per row; attention never crosses their boundaries
     # Loss on prompt/user tokens too (Axolotl's train_on_inputs), not only on replies. More signal per token
     # for a model that must still learn the language (a tiny one from scratch); a pretrained chat model
     # fine-tuned this way drifts toward imitating its users.
     train_on_prompt: bool = False
-    on_bad_row: str = "error"  # error: stop with file and line | skip: skip and count
+    on_bad_row: OnBadRow = OnBadRow.error  # error: stop with file and line | skip: skip and count
     # A worker keeps its shard in memory after one read when it is smaller than this (MiB); larger
     # shards stream from Ray Data every epoch. See ragft.data.shard.
     worker_cache_mb: int = 1024
@@ -94,14 +95,16 @@ class LoopConfig:
 
 @dataclass
 class SweepConfig:
-    """A Hydra multirun (`ragft train -m ...`): how trials are ranked, run and stopped."""
+    """A Hydra multirun (`ragft train -m key=a,b ...`): every combination is a trial with its own out_dir under
+    the sweep folder, and sweep.json and sweep.md rank them when the sweep ends. Trials run one after another by
+    default, as Ray Tune trials with hydra/launcher=ray_tune, or as Slurm jobs with hydra/launcher=submitit_slurm."""
 
     name: Optional[str] = None  # W&B group of every trial and sweep folder name; null: the sweep folder's name
     metric: str = "eval_loss"  # what trials are ranked (and ASHA-stopped) by: a key of the logged metrics
-    mode: str = "min"  # min | max
+    mode: Direction = Direction.min
     max_concurrent: int = 2  # Ray Tune launcher: trials running at once (each a whole Ray Train job)
-    scheduler: str = "fifo"  # fifo: every trial runs to the end | asha: stop trials behind at each rung
-    grace_period: int = 1  # asha: evaluations a trial gets before it can be stopped
+    scheduler: Scheduler = Scheduler.fifo  # fifo: every trial runs to the end | asha: stop trials behind at each rung
+    grace_period: int = 1  # asha: evaluations (train.eval_every steps apart) a trial gets before it can be stopped
     reduction_factor: int = 2  # asha: 1/reduction_factor of the trials go on at each rung
 
 
@@ -117,7 +120,7 @@ class TrainJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     seed: int = 0
-    runs_dir: str = "runs/train"
+    runs_dir: str = "runs/train"  # where new runs go, and where resume=latest looks
     out_dir: str = MISSING
     resume: Optional[str] = None  # an earlier run's out_dir, or "latest" (expanded by ragft.train.resume)
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # the final checkpoint is registered
