@@ -36,7 +36,10 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25:
-    """Scores of every chunk for a query: sum over query terms of idf · tf·(k1+1) / (tf + k1·(1-b+b·len/avglen))."""
+    """Scores of every chunk for a query: sum over the query's distinct terms of
+    idf · tf·(k1+1) / (tf + k1·(1-b+b·len/avglen)), Robertson's Okapi BM25 with the query-term frequency
+    saturated at once (k3 = 0). A term repeated in the query counts once: the cost of a query is bounded by
+    its vocabulary, not its length, and repeating a word does not outweigh the rest of the question."""
 
     def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75):
         self.num_docs = len(texts)
@@ -69,7 +72,7 @@ class BM25:
 
     def scores(self, query: str) -> np.ndarray:
         scores = np.zeros(self.num_docs, dtype=np.float32)
-        for token in tokenize(query):
+        for token in dict.fromkeys(tokenize(query)):
             slot = self._term_slot.get(token)
             if slot is None:
                 continue

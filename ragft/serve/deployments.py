@@ -157,8 +157,8 @@ class TextGenerator:
             queues.append(queue)
             try:
                 self._batch.add(request.request_id, request)
-            except ValueError as err:  # this request's problem only: the others in the group go on
-                queue.put_nowait(err)
+            except Exception as err:  # this request's problem only (bad values, a seed torch refuses): others go on
+                queue.put_nowait(err if isinstance(err, ValueError) else ValueError(f"{type(err).__name__}: {err}"))
                 continue
             self._sinks[request.request_id] = queue
         if self._decoding is None or self._decoding.done():

@@ -82,10 +82,28 @@ class IncrementalDetokenizer:
 
     def _partial_stop(self) -> int:
         """Length of the longest end of the text that begins some stop string: not sendable yet."""
-        text, longest = self._text, 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+        return max((held_back(self._text, stop) for stop in self._stops), default=0)
+
+
+def held_back(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`, in time linear in len(stop):
+    Knuth-Morris-Pratt run over the last len(stop) - 1 characters (testing each length with `endswith` is
+    quadratic, and this runs for every sequence at every decode step)."""
+    pattern = stop[:-1]
+    if not pattern:
+        return 0
+    fail = [0] * len(pattern)  # fail[i]: longest proper border of pattern[:i + 1]
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = fail[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        fail[i] = k
+    k = 0
+    for char in text[-len(pattern):]:
+        while k and (k == len(pattern) or char != pattern[k]):
+            k = fail[k - 1]
+        if char == pattern[k]:
+            k += 1
+    return k

@@ -19,6 +19,7 @@ answer) reads top to bottom here. Request parsing and response shapes live in ra
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional, Sequence
 
 import jinja2
@@ -33,7 +34,7 @@ from ragft.data.tokenize import text_prompt_ids
 from ragft.index.documents import parse_document
 from ragft.rag import citations, prompt_ids, query_of, with_context
 from ragft.serve.protocol import (
-    APIError, ChatRequest, CompletionRequest, RagOptions, bad_request, chat_chunk, chat_logprobs, chat_response,
+    INT64, APIError, ChatRequest, CompletionRequest, RagOptions, bad_request, chat_chunk, chat_logprobs, chat_response,
     completion_chunk, completion_logprobs, completion_response, decode_json, new_id, openapi_body,
     openapi_components, parse, sse, usage,
 )
@@ -43,6 +44,10 @@ from ragft.serve.spec import ServeSpec
 
 app = FastAPI(title="ragft", docs_url=None, redoc_url=None)  # /openapi.json: the schema clients and fuzzers read
 MAX_DOCUMENTS_PER_REQUEST = 10_000
+# Open mode (no keys) answers only requests addressed to this machine by name, so that a web page cannot reach
+# it through DNS rebinding (its Host would be the page's domain), and only JSON bodies (a page's form posts
+# send other content types without a CORS preflight).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -88,6 +93,9 @@ class Ingress:
         self.context_length = context_length
         self.min_version = 0  # the newest index version this ingress published: searches must see at least it
         self.observer = Observer(self.config.access_log)
+        # Tokenizing and chat templates run here, off the event loop (a long prompt must not stall other
+        # requests' routing), one at a time (a fast tokenizer is not safe to call from several threads at once).
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     # --- routes
 
@@ -154,6 +162,7 @@ class Ingress:
     def _authorize(self, request: Request, admin: bool) -> str:
         keys = self.spec.keys
         if not keys.configured and not admin:
+            check_open_request(request)
             return "open"  # loopback only: the spec refuses other addresses without keys
         role = keys.role(request.headers.get("authorization"))
         if role is None:
@@ -176,19 +185,20 @@ class Ingress:
         return JSONResponse({"object": "list", "data": data})
 
     async def _chat(self, request: Request, rec: RequestRecord) -> Response:
-        req = parse(ChatRequest, await request.body())
+        req = parse(ChatRequest, await self._body(request))
         model = self._model(req.model, rec)
         stop = req.stop_strings()
         requested = req.max_completion_tokens or req.max_tokens
         self._check_request(req, requested)
         messages = [m.to_template() for m in req.messages]
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         query = query_of(messages)
         hits, version = [], None
         enabled, k, mode = self._rag(req.rag, self.config.rag.enabled)
         if enabled and query:
             hits, version = await self._search(query, k, mode, rec)
         try:
-            ids = prompt_ids(self.tokenizer, messages, hits, self.config.rag)
+            ids = await self._tokenize(prompt_ids, self.tokenizer, messages, hits, self.config.rag)
         except jinja2.TemplateError as err:
             raise bad_request(f"messages: the model's chat template rejected the conversation: {err}",
                                 "messages") from None
@@ -201,7 +211,7 @@ class Ingress:
                                     top_logprobs=top)
 
     async def _completions(self, request: Request, rec: RequestRecord) -> Response:
-        req = parse(CompletionRequest, await request.body())
+        req = parse(CompletionRequest, await self._body(request))
         model = self._model(req.model, rec)
         stop = req.stop_strings()
         self._check_request(req, req.max_tokens, zero_ok=req.echo)
@@ -209,6 +219,10 @@ class Ingress:
         if len(prompts) > self.config.max_prompts:
             raise bad_request(f"prompt: at most serve.max_prompts={self.config.max_prompts} prompts per request, got "
                                 f"{len(prompts)}", "prompt")
+        if len(prompts) * req.n > self.config.max_sequences:
+            raise bad_request(f"n: {len(prompts)} prompts × n={req.n} is {len(prompts) * req.n} sequences; at most "
+                              f"serve.max_sequences={self.config.max_sequences} per request", "n")
+        self._check_chars(sum(len(p) for p in prompts), "prompt")
         enabled, k, mode = self._rag(req.rag, self.config.rag.completions)
         if enabled:
             self._check_retrievable(req, prompts)
@@ -218,7 +232,7 @@ class Ingress:
             if isinstance(prompt, str):
                 if enabled and prompt.strip():
                     hits, version = await self._search(prompt, k, mode, rec)
-                ids = text_prompt_ids(self.tokenizer, with_context(prompt, hits, self.config.rag))
+                ids = await self._tokenize(text_prompt_ids, self.tokenizer, with_context(prompt, hits, self.config.rag))
                 text = prompt
             else:
                 if max(prompt) >= len(self.tokenizer):
@@ -248,7 +262,7 @@ class Ingress:
 
     async def _upsert(self, request: Request, rec: RequestRecord) -> Response:
         self._need_index()
-        body = decode_json(await request.body())
+        body = decode_json(await self._body(request))
         rows = body.get("documents") if isinstance(body, dict) else None
         if not isinstance(rows, list) or not rows:
             raise bad_request("documents: expected a non-empty list of {id, text, title?, source?, metadata?}",
@@ -281,6 +295,32 @@ class Ingress:
         return JSONResponse({"id": doc_id, "object": "index.document", "deleted": True, **_update_summary(stats)})
 
     # --- pieces
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 once it passes serve.max_body_bytes: before it is read when it says
+        its length, while it streams in when it does not (chunked)."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than serve.max_body_bytes={limit} bytes",
+                             code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Refuse a prompt too long to be worth tokenizing: no model's context holds it."""
+        if chars > self.config.max_prompt_chars:
+            raise APIError(400, f"{param}: {chars} characters; at most serve.max_prompt_chars="
+                                f"{self.config.max_prompt_chars} per request", param=param,
+                           code="context_length_exceeded")
+
+    async def _tokenize(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _model(self, model: str, rec: RequestRecord) -> str:
         if model not in self.models:
@@ -354,7 +394,7 @@ class Ingress:
         jobs = [GenerationRequest(
             request_id=f"{rec.id}-{i * req.n + j}", model=model, prompt_ids=tuple(ids), deadline=deadline,
             params=SamplingParams(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, stop=stop,
-                                  seed=None if req.seed is None else req.seed + j, lstrip=kind == "chat"))
+                                  seed=None if req.seed is None else (req.seed + j) % INT64, lstrip=kind == "chat"))
             for i, (ids, limit) in enumerate(zip(inputs, limits)) for j in range(req.n)]
         rec.prompt_tokens, rec.citations = sum(map(len, inputs)), len(hits)
         extra = {"citations": [c.to_json() for c in citations(hits, version, self.config.rag.quote_chars)]
@@ -377,9 +417,17 @@ class Ingress:
             rec.completion_tokens += item["completion_tokens"]
             rec.generation_s = max(rec.generation_s, item["generation_s"])
         if top_logprobs is not None:
-            scored = await asyncio.gather(*(
-                self._logprobs(kind, model, inputs[index // req.n], item["token_ids"], top_logprobs,
-                               echo=getattr(req, "echo", False)) for index, item in enumerate(items)))
+            # Choices with the same prompt and completion (every choice of an echo with max_tokens=0, greedy n > 1)
+            # are scored once.
+            scoring: dict[tuple, asyncio.Task] = {}
+            for index, item in enumerate(items):
+                key = (index // req.n, tuple(item["token_ids"]))
+                if key not in scoring:
+                    scoring[key] = asyncio.ensure_future(self._logprobs(
+                        kind, model, inputs[index // req.n], item["token_ids"], top_logprobs,
+                        echo=getattr(req, "echo", False)))
+            scored = await asyncio.gather(*(scoring[(index // req.n, tuple(item["token_ids"]))]
+                                            for index, item in enumerate(items)))
             for choice, logprobs in zip(choices, scored):
                 choice["logprobs"] = logprobs
         build = chat_response if kind == "chat" else completion_response
@@ -471,3 +519,17 @@ class Ingress:
             for task in tasks:
                 task.cancel()
 
+
+def check_open_request(request: Request) -> None:
+    """Open mode: refuse what only a browser tricked by another site would send (see LOOPBACK_HOSTS)."""
+    host = (request.headers.get("host") or "").strip().lower()
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    if name not in LOOPBACK_HOSTS:
+        raise APIError(403, f"this server has no API keys and answers only requests to localhost, not Host: {host!r}; "
+                            "configure keys (RAGFT_API_KEYS) to serve other names", "permission_error",
+                       code="invalid_host")
+    if request.method == "POST":
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"the request body must be sent as application/json, not {media or 'no content type'!r}",
+                           param="content-type", code="unsupported_media_type")

@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit; vLLM's default)
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; every decode step checks each sequence's stop strings
+INT64 = 2**63  # seeds are int64 in OpenAI's API and in torch's generators
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class APIError(Exception):
@@ -73,8 +77,8 @@ class _Sampling(BaseModel):
     max_tokens: Optional[int] = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOPS)], None] = None
+    seed: Optional[int] = Field(default=None, ge=-INT64, lt=INT64)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -82,12 +86,7 @@ class _Sampling(BaseModel):
     user: Optional[str] = None
 
     def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise bad_request(f"stop: at most 4 stop sequences, got {len(stops)}", "stop")
-        if any(not s for s in stops):
-            raise bad_request("stop: stop sequences must be non-empty strings", "stop")
-        return tuple(stops)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class ChatRequest(_Sampling):

@@ -48,6 +48,7 @@ from ragft.serve.engine import (Batch, Delta, Engine, GenerationRequest, TokenLo
     check_request, model_names, stop_token_ids)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+LOGPROB_CHUNK = 256  # positions projected onto the vocabulary at once when scoring a sequence
 # Prompt tokens one step prefills (prompts x padded length). Lower: a running stream pauses less at a step that
 # prefills, and fewer prompts are padded to the longest one; higher: a burst joins in fewer steps (and cache
 # merges), which a GPU prefills about as fast in one forward. The figures behind it are in the README.
@@ -152,17 +153,50 @@ class TransformersEngine(Engine):
         check_logprobs_request(self, model, token_ids, start)
         if start == len(token_ids):
             return []
-        # Position t - 1 predicts token t: only the positions from start - 1 on are projected onto the vocabulary.
-        logits = self._logits(model, [token_ids], keep=len(token_ids) - start + 1)[0, :-1]
-        logprobs = torch.log_softmax(logits, dim=-1)
+        # Position t - 1 predicts token t: only the positions from start - 1 on are projected onto the vocabulary,
+        # LOGPROB_CHUNK of them at a time, so a long echoed prompt never holds positions × vocab fp32 logits.
         targets = torch.tensor(token_ids[start:], device=self.device)
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        if top_k:
-            values, indices = logprobs.topk(top_k, dim=-1)
-            tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-        else:
-            tops = [()] * len(chosen)
+        chosen, tops = [], []
+        for lo, logits in self._logit_chunks(model, token_ids, start - 1):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            chosen += logprobs.gather(1, targets[lo:lo + len(logits)].unsqueeze(1)).squeeze(1).tolist()
+            if top_k:
+                values, indices = logprobs.topk(top_k, dim=-1)
+                tops += [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+            else:
+                tops += [()] * len(logits)
         return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids[start:], chosen, tops)]
+
+    def _logit_chunks(self, model: str, token_ids: Sequence[int], first: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, fp32 logits) of positions first .. len - 2 of one sequence, LOGPROB_CHUNK positions at a time:
+        the final hidden states come from one forward (a hook on the decoder), the vocabulary projection runs per
+        chunk. Models whose head is not a plain linear layer (LoRA on lm_head, logit soft-capping) take the whole
+        projection at once."""
+        weights, adapter = self._routes[model]
+        module = weights.module
+        head = module.get_output_embeddings()
+        config = module.config
+        if type(head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None) \
+                or getattr(config, "logit_scale", None):
+            yield 0, self._logits(model, [token_ids], keep=len(token_ids) - first)[0, :-1]
+            return
+        captured = {}
+
+        def keep_hidden(_module, _args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        kwargs = {"adapter_names": [adapter]} if weights.mixed else {}
+        with self._lock:
+            hook = module.get_decoder().register_forward_hook(keep_hidden)
+            try:
+                module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1,
+                       **kwargs)
+            finally:
+                hook.remove()
+        hidden = captured["hidden"][0, first:len(token_ids) - 1]
+        for lo in range(0, len(hidden), LOGPROB_CHUNK):
+            yield lo, head(hidden[lo:lo + LOGPROB_CHUNK]).float()
 
     def _logits(self, model: str, input_ids: Sequence[Sequence[int]], keep: int = 0) -> torch.Tensor:
         """fp32 logits (rows, positions, vocab) of right-padded `input_ids` on `model`'s weights: the last `keep`

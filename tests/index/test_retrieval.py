@@ -114,3 +114,28 @@ def test_relative_fusion_keeps_a_clear_lead_and_is_deterministic():
     assert fused[0][1] == pytest.approx(((0.60 - 0.10) / (0.62 - 0.10) + 1.0) / 2)
     assert rrf([dense, bm25], k=60)[0][0] == 2  # ranks only: 1/62 + 1/62 beats 1/64 + 1/61
     assert relative([[(7, 1.0), (8, 1.0)]]) == [(7, 1.0), (8, 1.0)]  # equal scores: all 1, lower row first
+
+
+def test_bm25_counts_a_repeated_query_term_once():
+    """Okapi BM25 with the query-term frequency saturated (k3 = 0), checked against the textbook formula: a
+    query of one word repeated a hundred thousand times scores as the word once, and costs as much."""
+    import math
+    import time
+
+    from ragft.index.bm25 import BM25
+
+    texts = ["the ferry kinand carries 105 passengers", "the harbour of kinand", "a ferry timetable"]
+    bm25 = BM25(texts, k1=1.2, b=0.75)
+    lengths = [5, 2, 2]  # "the", "of" and "a" are stopwords
+    avg = sum(lengths) / 3
+
+    def textbook(term_counts: list[int]) -> list[float]:
+        n = sum(1 for c in term_counts if c)
+        idf = math.log1p((3 - n + 0.5) / (n + 0.5))
+        return [idf * c * 2.2 / (c + 1.2 * (0.25 + 0.75 * length / avg)) for c, length in zip(term_counts, lengths)]
+
+    want = [a + b for a, b in zip(textbook([1, 0, 1]), textbook([1, 1, 0]))]  # ferry, kinand
+    assert bm25.scores("ferry kinand").tolist() == pytest.approx(want, rel=1e-5)
+    started = time.perf_counter()
+    assert bm25.scores("ferry " * 100_000 + "kinand").tolist() == pytest.approx(want, rel=1e-5)
+    assert time.perf_counter() - started < 2

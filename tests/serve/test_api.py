@@ -47,8 +47,9 @@ class Server:
     def client(self, key: str | None = USER_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key or "", max_retries=0, timeout=60)
 
-    def http(self, method: str, path: str, key: str | None = USER_KEY, **kw) -> httpx.Response:
-        headers = {"authorization": f"Bearer {key}"} if key else {}
+    def http(self, method: str, path: str, key: str | None = USER_KEY, headers_extra: dict | None = None,
+             **kw) -> httpx.Response:
+        headers = {**({"authorization": f"Bearer {key}"} if key else {}), **(headers_extra or {})}
         return httpx.request(method, self.url.removesuffix("/v1") + path, headers=headers, timeout=60, **kw)
 
 
@@ -335,6 +336,15 @@ BAD_REQUESTS = [
      "invalid_value"),
     ("duplicate document ids", "POST", "/v1/index/documents",
      {"documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}, 400, "documents.1.id", "invalid_value"),
+    ("stop string too long", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "stop": "x" * 257}, 400,
+     "stop", "invalid_value"),
+    ("seed beyond int64", "POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "seed": 2**63}, 400, "seed",
+     "invalid_value"),
+    ("prompts x n over max_sequences", "POST", "/v1/completions", {"model": "alpha", "prompt": ["a"] * 32, "n": 4},
+     400, "n", "invalid_value"),
+    ("prompt over max_prompt_chars", "POST", "/v1/chat/completions",
+     {"model": "alpha", "messages": [{"role": "user", "content": "a" * 200_001}]}, 400, "messages",
+     "context_length_exceeded"),
     ("unknown route", "GET", "/v1/engines", None, 404, None, "not_found"),
     ("wrong method", "GET", "/v1/chat/completions", None, 405, None, "method_not_allowed"),
 ]
@@ -349,6 +359,44 @@ def test_bad_request_gets_a_4xx_in_openai_shape(server, name, method, path, body
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_unbounded_input_is_refused_within_seconds_and_health_stays_up(server):
+    """Requests built to exhaust the server get a 4xx in OpenAI's shape, fast, and nobody else notices."""
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [  # (name, body bytes, route, key, status, code)
+        ("32 MB body", json.dumps({**chat, "messages": [{"role": "user", "content": "a" * (32 << 20)}]}).encode(),
+         "/v1/chat/completions", USER_KEY, 413, "request_too_large"),
+        ("32 MB of documents", json.dumps({"documents": [{"id": "x", "text": "a" * (32 << 20)}]}).encode(),
+         "/v1/index/documents", ADMIN_KEY, 413, "request_too_large"),
+        ("seed 2**70", json.dumps({**chat, "seed": 2**70}).encode(), "/v1/chat/completions", USER_KEY, 400,
+         "invalid_value"),
+        ("20,000-character stop", json.dumps({**chat, "stop": "x" * 20_000}).encode(), "/v1/chat/completions",
+         USER_KEY, 400, "invalid_value"),
+        ("10,000 prompts x n 10,000", json.dumps({"model": "alpha", "prompt": ["a"] * 10_000, "n": 10_000}).encode(),
+         "/v1/completions", USER_KEY, 400, "invalid_value"),
+    ]
+    for name, body, path, key, status, code in cases:
+        started = time.perf_counter()
+        response = server.http("POST", path, key=key, content=body, headers_extra={"content-type": "application/json"})
+        seconds = time.perf_counter() - started
+        error = response.json()["error"]
+        assert (response.status_code, error["code"]) == (status, code), (name, response.text[:300])
+        assert set(error) == {"message", "type", "param", "code"}
+        assert seconds < 10, (name, seconds)
+        print(f"\n{name}: {response.status_code} in {seconds:.2f} s")
+        assert server.http("GET", "/health", key=None).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(server):
+    def chunks():
+        yield b'{"model": "alpha", "prompt": "'
+        for _ in range(8):
+            yield b"a" * (1 << 20)  # no Content-Length: the server counts as it reads
+        yield b'"}'
+
+    response = server.http("POST", "/v1/completions", content=chunks())
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "request_too_large")
 
 
 def test_echo_logprobs_score_token_prompts_as_lm_eval_asks(server):

@@ -178,6 +178,15 @@ def test_sigkill_then_sigterm_to_the_process_then_to_its_group(serve_models, sam
         response = client.chat.completions.create(model="ft", messages=[{"role": "user", "content": "Hello?"}],
                                                   max_tokens=4)
         assert response.choices[0].message.content is not None and response.citations
+        # Open mode (no keys): what a web page could send through DNS rebinding or a form post is refused.
+        body = json.dumps({"model": "ft", "prompt": "Hi", "max_tokens": 1})
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        rebound = httpx.post(url, content=body, headers={"host": "attacker.example", "content-type": "application/json"})
+        form = httpx.post(url, content=body, headers={"content-type": "text/plain"})
+        assert (rebound.status_code, rebound.json()["error"]["code"]) == (403, "invalid_host")
+        assert (form.status_code, form.json()["error"]["code"]) == (415, "unsupported_media_type")
+        assert httpx.post(url, content=body, headers={"host": f"localhost:{port}",
+                                                      "content-type": "application/json"}).status_code == 200
         deadline = time.monotonic() + 60
         while not (third.out / "serve.json").is_file() and time.monotonic() < deadline:  # once serve.run returns
             time.sleep(0.2)

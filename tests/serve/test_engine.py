@@ -413,6 +413,18 @@ def test_token_logprobs_match_a_plain_forward(engine, ref, model, start):
     assert engine.token_logprobs(model, ids, len(ids)) == []
 
 
+def test_token_logprobs_projected_in_chunks_match_one_projection(engine, monkeypatch):
+    import ragft.serve.transformers_engine as transformers_engine
+
+    ids = list(encode(engine, PROMPTS[2]))
+    whole = engine.token_logprobs("a", ids, 1, top_k=2)
+    monkeypatch.setattr(transformers_engine, "LOGPROB_CHUNK", 3)  # several chunks, the last one partial
+    chunked = engine.token_logprobs("a", ids, 1, top_k=2)
+    assert [t.token_id for t in chunked] == [t.token_id for t in whole]
+    assert [t.logprob for t in chunked] == pytest.approx([t.logprob for t in whole], abs=1e-5)
+    assert [[i for i, _ in t.top] for t in chunked] == [[i for i, _ in t.top] for t in whole]
+
+
 @pytest.mark.parametrize("args, message", [(("nope", [5, 6], 1), "unknown model"), (("base", [5, 6], 0), "start"),
                                            (("base", [5, 6], 3), "start"), (("base", [5, 1 << 20], 1), "token ids")])
 def test_token_logprobs_refuse_bad_arguments(engine, args, message):
