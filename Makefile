@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= test
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm vllm-install install bench docs clean
+.PHONY: demo test test-vllm vllm-install install wheel-smoke bench docs clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ vllm-install:
 
 test-vllm: vllm-install
 	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
+
+# The wheel as a pip user installs it, run from an empty folder (launch/wheel_smoke.sh; CI runs it after test).
+wheel-smoke: $(STAMP)
+	bash launch/wheel_smoke.sh $(PY)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) launch/bench_train.py

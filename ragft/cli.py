@@ -20,7 +20,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from ragft.config.compose import CONF_DIR, register_resolvers
+from ragft.config.compose import CONF_PATH, register_resolvers
 from ragft.config.schema import register_configs
 from ragft.exit_codes import run_command
 
@@ -34,7 +34,7 @@ def _run(command: str, body: Callable[[], None], logs: str, bad_input_hint: str 
     _exit_code = run_command(command, body, logs, bad_input_hint)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def train(cfg: DictConfig) -> None:
     def body() -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> None:
     _run("train", body, cfg.out_dir, "\n  (data.on_bad_row=skip skips bad rows and counts them)")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="index")
 def index(cfg: DictConfig) -> None:
     def body() -> None:
         from ragft.index.build import run_index, validate_index
@@ -67,7 +67,7 @@ def index(cfg: DictConfig) -> None:
 SEARCH_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="index")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="index")
 def search(cfg: DictConfig) -> None:
     import contextlib
     import json
@@ -86,7 +86,7 @@ def search(cfg: DictConfig) -> None:
         print(json.dumps(hit.to_json(), ensure_ascii=False), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="serve")
 def serve(cfg: DictConfig) -> None:
     def body() -> None:
         from ragft.serve.run import run_serve
@@ -97,7 +97,7 @@ def serve(cfg: DictConfig) -> None:
     _run("serve", body, cfg.out_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="eval")
 def eval_(cfg: DictConfig) -> None:
     def body() -> None:
         from ragft.eval.run import run_eval
@@ -108,7 +108,7 @@ def eval_(cfg: DictConfig) -> None:
     _run("eval", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="raft")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="raft")
 def data_raft(cfg: DictConfig) -> None:
     def body() -> None:
         from ragft.data.raft_job import run_raft, validate_raft
@@ -118,7 +118,7 @@ def data_raft(cfg: DictConfig) -> None:
     _run("data raft", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="demo")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="demo")
 def demo(cfg: DictConfig) -> None:
     def body() -> None:
         from ragft.demo import run_demo

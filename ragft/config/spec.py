@@ -108,7 +108,10 @@ class TrainSpec:
 def typed_job_config(cfg: DictConfig):
     """The composed config as its schema dataclass (interpolations resolved, types checked), or a
     ConfigError naming every required key left unset: the first step of every command's validation."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except Exception as err:  # missing_keys resolves interpolations: one that cannot resolve fails here already
+        raise ConfigError([first_line(err)]) from None
     if missing:
         raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
     try:

