@@ -70,8 +70,59 @@ def update_index(spec: IndexSpec, embedder: Embedder | None = None,
 
     `documents` are upserted like rows of the corpus (ragft serve's live updates pass them here).
     """
-    timer = _Timer()
-    stats = UpdateStats()
+    timer, stats = _Timer(), UpdateStats()
+    incoming = _read_incoming(spec, documents, stats)
+    timer.lap("read")
+    root = Path(spec.index_path)
+    with versions.writer_lock(root):
+        prev = _Previous.load(root) if versions.is_index(root) else None
+        settings = settings_of(spec)
+        stats.full_rebuild_reason = _full_rebuild_reason(spec, prev, settings)
+        if stats.full_rebuild_reason is not None and prev is not None:
+            log.info("re-embedding every document: %s", stats.full_rebuild_reason)
+        plan = _plan(spec, prev, incoming, stats)
+        if _up_to_date(spec, prev, plan):
+            stats.version, stats.documents, stats.chunks = prev.version, len(prev.documents), len(prev.chunks)
+            stats.kind, stats.seconds = prev.manifest["store"]["kind"], timer.laps
+            log.info("index %s is up to date at version %d: nothing to write", root, prev.version)
+            return stats
+        kept_rows, kept, fresh, next_id = _chunk(spec, prev, plan)
+        timer.lap("chunk")
+        vectors, new_vectors, dim = _embed(spec, prev, plan, fresh, kept_rows, embedder)
+        chunks = kept.concat(fresh)
+        stats.embedded_chunks, stats.reused_chunks = len(fresh), len(kept)
+        stats.removed_chunks = len(prev.chunks) - len(kept) if prev else 0
+        timer.lap("embed")
+        index, kind, trained_on = _vector_store(spec, prev, plan, chunks, kept, fresh, vectors, new_vectors, dim,
+                                                stats)
+        timer.lap("store")
+        _write_and_publish(spec, root, prev, plan, chunks, vectors, index, kind, trained_on, next_id + len(fresh),
+                           dim, settings, stats, timer)
+        return stats
+
+
+@dataclass
+class _Plan:
+    """What happens to each document in this update (see the module docstring)."""
+
+    full: bool  # every document is re-embedded
+    added: list[Document]
+    changed: list[Document]
+    deleted: set[str]
+    documents: list[dict]  # documents.jsonl of the new version
+
+    @property
+    def to_embed(self) -> list[Document]:
+        return self.added + self.changed
+
+    @property
+    def gone(self) -> set[str]:
+        """Documents whose old chunks leave the index."""
+        return self.deleted | {d.id for d in self.changed}
+
+
+def _read_incoming(spec: IndexSpec, documents: Sequence[Document], stats: UpdateStats) -> list[Document]:
+    """The corpus file's documents (bad rows skipped per corpus.on_bad_row) followed by `documents`."""
     incoming: list[Document] = list(documents)
     if spec.corpus_path:
         read = read_documents(spec.corpus_path, spec.corpus.on_bad_row, tuple(spec.corpus.extensions))
@@ -82,114 +133,112 @@ def update_index(spec: IndexSpec, embedder: Embedder | None = None,
     clash = sorted(set(spec.index.delete_ids) & {d.id for d in incoming})
     if clash:
         raise ConfigError([f"index.delete_ids names documents that corpus.path also holds: {clash}"])
-    timer.lap("read")
+    return incoming
 
-    root = Path(spec.index_path)
-    with versions.writer_lock(root):
-        prev = _Previous.load(root) if versions.is_index(root) else None
-        settings = settings_of(spec)
-        stats.full_rebuild_reason = _full_rebuild_reason(spec, prev, settings)
-        full = stats.full_rebuild_reason is not None
-        if full and prev is not None:
-            log.info("re-embedding every document: %s", stats.full_rebuild_reason)
 
-        # --- what happens to each document
-        prev_docs = {r["id"]: r for r in prev.documents} if prev else {}
-        new_by_id = {d.id: d for d in incoming}
-        deleted = {d for d in spec.index.delete_ids if d in prev_docs}
-        stats.delete_not_found = sorted(set(spec.index.delete_ids) - set(prev_docs))
-        if stats.delete_not_found:
-            log.warning("index.delete_ids: not in the index, nothing to delete: %s", stats.delete_not_found)
-        if spec.index.remove_missing and spec.corpus_path:
-            deleted |= set(prev_docs) - set(new_by_id)
-        added = [d for d in incoming if d.id not in prev_docs]
-        changed = [d for d in incoming if d.id in prev_docs and (full or prev_docs[d.id]["hash"] != d.content_hash)]
-        changed_ids = {d.id for d in changed}
-        unchanged = [d for d in incoming if d.id in prev_docs and d.id not in changed_ids]
-        # Documents left out of this corpus are kept as they are (upsert), unless deleted or rebuilt.
-        carried = [i for i in prev_docs if i not in new_by_id and i not in deleted]
-        if full and prev is not None:
-            changed += [_document_from_record(prev_docs[i]) for i in carried]
-            carried = []
-            changed_ids = {d.id for d in changed}
-        stats.added, stats.changed, stats.deleted = len(added), len(changed), len(deleted)
-        stats.unchanged = len(unchanged) + len(carried)
+def _plan(spec: IndexSpec, prev: _Previous | None, incoming: list[Document], stats: UpdateStats) -> _Plan:
+    """Sort the incoming documents into added, changed and unchanged against the previous version."""
+    full = stats.full_rebuild_reason is not None
+    prev_docs = {r["id"]: r for r in prev.documents} if prev else {}
+    new_by_id = {d.id: d for d in incoming}
+    deleted = {d for d in spec.index.delete_ids if d in prev_docs}
+    stats.delete_not_found = sorted(set(spec.index.delete_ids) - set(prev_docs))
+    if stats.delete_not_found:
+        log.warning("index.delete_ids: not in the index, nothing to delete: %s", stats.delete_not_found)
+    if spec.index.remove_missing and spec.corpus_path:
+        deleted |= set(prev_docs) - set(new_by_id)
+    added = [d for d in incoming if d.id not in prev_docs]
+    changed = [d for d in incoming if d.id in prev_docs and (full or prev_docs[d.id]["hash"] != d.content_hash)]
+    changed_ids = {d.id for d in changed}
+    unchanged = [d for d in incoming if d.id in prev_docs and d.id not in changed_ids]
+    # Documents left out of this corpus are kept as they are (upsert), unless deleted or rebuilt.
+    carried = [i for i in prev_docs if i not in new_by_id and i not in deleted]
+    if full and prev is not None:
+        changed += [_document_from_record(prev_docs[i]) for i in carried]
+        carried = []
+    stats.added, stats.changed, stats.deleted = len(added), len(changed), len(deleted)
+    stats.unchanged = len(unchanged) + len(carried)
+    return _Plan(full, added, changed, deleted, _merged_records(prev, new_by_id, deleted, changed))
 
-        documents = _merged_records(prev, new_by_id, deleted, changed)
-        same_kind = prev is not None and prev.manifest["store"]["kind"] == store.resolve_kind(
-            spec.store_params, len(prev.chunks))
-        if same_kind and not (added or changed or deleted) and documents == prev.documents:
-            stats.version, stats.documents, stats.chunks = prev.version, len(prev.documents), len(prev.chunks)
-            stats.kind, stats.seconds = prev.manifest["store"]["kind"], timer.laps
-            log.info("index %s is up to date at version %d: nothing to write", root, prev.version)
-            return stats
 
-        # --- chunks: keep the rows of untouched documents, chunk the new and changed ones
-        gone = deleted | changed_ids
-        kept_rows = [r for r, doc in enumerate(prev.chunks.doc_ids) if doc not in gone] if prev else []
-        kept = prev.chunks.take(kept_rows) if prev else tables.ChunkTable.empty()
-        to_embed = added + changed
-        chunker = Chunker(hf_token_offsets(load_embedding_tokenizer(spec.index.embedding_model)), spec.index.chunk_tokens,
-                          spec.index.chunk_overlap) if to_embed else None
-        new_chunks = chunker.chunk_many([(d.id, d.text) for d in to_embed]) if chunker else []
-        next_id = prev.manifest["next_id"] if prev else 0
-        fresh = tables.ChunkTable(np.arange(next_id, next_id + len(new_chunks), dtype=np.int64),
-                                  [c.chunk_id for c in new_chunks], [c.doc_id for c in new_chunks],
-                                  [c.start for c in new_chunks], [c.end for c in new_chunks],
-                                  [c.text for c in new_chunks])
-        timer.lap("chunk")
+def _up_to_date(spec: IndexSpec, prev: _Previous | None, plan: _Plan) -> bool:
+    """Nothing to write: no document changed and the store kind the index would get is the one it has."""
+    if prev is None or plan.added or plan.changed or plan.deleted or plan.documents != prev.documents:
+        return False
+    return prev.manifest["store"]["kind"] == store.resolve_kind(spec.store_params, len(prev.chunks))
 
-        # --- vectors: embed only the new chunks
-        titles = {d.id: d.title for d in to_embed}
-        texts = [passage(titles[c.doc_id], c.text, spec.index.prepend_title) for c in new_chunks]
-        embedder = embedder or Embedder(spec.index.embedding_model, spec.index.device, spec.index.batch_size,
-                                        spec.index.query_prefix)
-        if texts:
-            new_vectors = embed_texts(texts, embedder, num_workers=spec.index.num_workers,
-                                      ray_min_chunks=spec.index.ray_min_chunks, use_gpu=spec.index.use_gpu,
-                                      ray_address=spec.index.ray_address)
-            dim = new_vectors.shape[1]
-        else:
-            dim = prev.manifest["embedding"]["dim"]
-            new_vectors = np.zeros((0, dim), dtype=np.float32)
-        kept_vectors = np.asarray(prev.vectors[kept_rows]) if prev and kept_rows else np.zeros((0, dim), np.float32)
-        vectors = np.concatenate([kept_vectors, new_vectors]).astype(np.float32)
-        chunks = kept.concat(fresh)
-        stats.embedded_chunks, stats.reused_chunks = len(fresh), len(kept)
-        stats.removed_chunks = len(prev.chunks) - len(kept) if prev else 0
-        timer.lap("embed")
 
-        # --- the vector store: edit a copy of the previous one where FAISS allows it, else build
-        params = spec.store_params
-        kind = store.resolve_kind(params, len(chunks))
-        trained_on = len(chunks)
-        if prev and not full and prev.manifest["store"]["kind"] == kind and store.can_edit(
-                kind, len(chunks), prev.manifest["store"].get("trained_on", 0)):
-            index = store.load(str(prev.dir / tables.STORE), params)
-            removed_ids = np.setdiff1d(prev.chunks.ids, kept.ids)
-            store.edit(index, removed_ids, new_vectors, fresh.ids)
-            trained_on = prev.manifest["store"].get("trained_on", len(chunks))
-            stats.store_edited = True
-        else:
-            index = store.build(kind, vectors, chunks.ids, params, dim)
-        stats.kind = kind
-        timer.lap("store")
+def _chunk(spec: IndexSpec, prev: _Previous | None, plan: _Plan):
+    """Keep the chunk rows of untouched documents; chunk the new and changed ones under fresh int ids.
+    Returns (kept rows of the previous table, the kept table, the fresh table, the first fresh id)."""
+    kept_rows = [r for r, doc in enumerate(prev.chunks.doc_ids) if doc not in plan.gone] if prev else []
+    kept = prev.chunks.take(kept_rows) if prev else tables.ChunkTable.empty()
+    to_embed = plan.to_embed
+    chunker = Chunker(hf_token_offsets(load_embedding_tokenizer(spec.index.embedding_model)), spec.index.chunk_tokens,
+                      spec.index.chunk_overlap) if to_embed else None
+    new_chunks = chunker.chunk_many([(d.id, d.text) for d in to_embed]) if chunker else []
+    next_id = prev.manifest["next_id"] if prev else 0
+    fresh = tables.ChunkTable(np.arange(next_id, next_id + len(new_chunks), dtype=np.int64),
+                              [c.chunk_id for c in new_chunks], [c.doc_id for c in new_chunks],
+                              [c.start for c in new_chunks], [c.end for c in new_chunks],
+                              [c.text for c in new_chunks])
+    return kept_rows, kept, fresh, next_id
 
-        # --- write the version and publish it
-        version = max([prev.version if prev else 0, *versions.list_versions(root)]) + 1
-        staged = versions.staging_dir(root)
-        tables.write_documents(staged / tables.DOCUMENTS, documents)
-        tables.write_chunks(staged / tables.CHUNKS, chunks)
-        tables.write_vectors(staged / tables.VECTORS, vectors)
-        store.save(index, str(staged / tables.STORE))
-        stats.version, stats.documents, stats.chunks = version, len(documents), len(chunks)
-        timer.lap("write")
-        stats.seconds = timer.laps
-        manifest = _manifest(spec, settings, stats, prev, dim, index, kind, trained_on, next_id + len(fresh),
-                             documents, staged)
-        versions.publish(root, staged, manifest, spec.index.keep_versions)
-        stats.published = True
-        return stats
+
+def _embed(spec: IndexSpec, prev: _Previous | None, plan: _Plan, fresh: tables.ChunkTable, kept_rows: list[int],
+           embedder: Embedder | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Embed only the fresh chunks; returns (all vectors: kept then fresh, the fresh ones, dimension)."""
+    titles = {d.id: d.title for d in plan.to_embed}
+    texts = [passage(titles[doc], text, spec.index.prepend_title) for doc, text in zip(fresh.doc_ids, fresh.texts)]
+    embedder = embedder or Embedder(spec.index.embedding_model, spec.index.device, spec.index.batch_size,
+                                    spec.index.query_prefix)
+    if texts:
+        new_vectors = embed_texts(texts, embedder, num_workers=spec.index.num_workers,
+                                  ray_min_chunks=spec.index.ray_min_chunks, use_gpu=spec.index.use_gpu,
+                                  ray_address=spec.index.ray_address)
+        dim = new_vectors.shape[1]
+    else:
+        dim = prev.manifest["embedding"]["dim"]
+        new_vectors = np.zeros((0, dim), dtype=np.float32)
+    kept_vectors = np.asarray(prev.vectors[kept_rows]) if prev and kept_rows else np.zeros((0, dim), np.float32)
+    return np.concatenate([kept_vectors, new_vectors]).astype(np.float32), new_vectors, dim
+
+
+def _vector_store(spec: IndexSpec, prev: _Previous | None, plan: _Plan, chunks: tables.ChunkTable,
+                  kept: tables.ChunkTable, fresh: tables.ChunkTable, vectors: np.ndarray, new_vectors: np.ndarray,
+                  dim: int, stats: UpdateStats):
+    """Edit a copy of the previous FAISS index where FAISS allows it, else build one; (index, kind, trained_on)."""
+    params = spec.store_params
+    kind = store.resolve_kind(params, len(chunks))
+    trained_on = len(chunks)
+    if prev and not plan.full and prev.manifest["store"]["kind"] == kind and store.can_edit(
+            kind, len(chunks), prev.manifest["store"].get("trained_on", 0)):
+        index = store.load(str(prev.dir / tables.STORE), params)
+        store.edit(index, np.setdiff1d(prev.chunks.ids, kept.ids), new_vectors, fresh.ids)
+        trained_on = prev.manifest["store"].get("trained_on", len(chunks))
+        stats.store_edited = True
+    else:
+        index = store.build(kind, vectors, chunks.ids, params, dim)
+    stats.kind = kind
+    return index, kind, trained_on
+
+
+def _write_and_publish(spec: IndexSpec, root: Path, prev: _Previous | None, plan: _Plan, chunks: tables.ChunkTable,
+                       vectors: np.ndarray, index, kind: str, trained_on: int, next_id: int, dim: int,
+                       settings: dict, stats: UpdateStats, timer: _Timer) -> None:
+    """Write the version to a staging folder and publish it atomically (readers see the old one or the new)."""
+    version = max([prev.version if prev else 0, *versions.list_versions(root)]) + 1
+    staged = versions.staging_dir(root)
+    tables.write_documents(staged / tables.DOCUMENTS, plan.documents)
+    tables.write_chunks(staged / tables.CHUNKS, chunks)
+    tables.write_vectors(staged / tables.VECTORS, vectors)
+    store.save(index, str(staged / tables.STORE))
+    stats.version, stats.documents, stats.chunks = version, len(plan.documents), len(chunks)
+    timer.lap("write")
+    stats.seconds = timer.laps
+    manifest = _manifest(spec, settings, stats, prev, dim, index, kind, trained_on, next_id, plan.documents, staged)
+    versions.publish(root, staged, manifest, spec.index.keep_versions)
+    stats.published = True
 
 
 @dataclass
