@@ -26,14 +26,12 @@ from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, Ret
 from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
-from ragft.model.precision import DTYPES
 from ragft.net import is_loopback
 from ragft.rag import check_templates
 from ragft.serve.keys import KeyRing, load_keys
 from ragft.train import checkpoint as ckpt
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-ENGINES = ("transformers", "vllm")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -138,8 +136,6 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     problems += check_templates(s.rag)
     if not 1 <= s.rag.k <= s.rag.max_k:
         problems.append(f"serve.rag.k={s.rag.k} must be between 1 and serve.rag.max_k={s.rag.max_k}")
-    if s.rag.mode is not None and s.rag.mode not in ("dense", "bm25", "hybrid"):
-        problems.append(f"serve.rag.mode={s.rag.mode!r} is not one of dense, bm25, hybrid (or null)")
 
     # --- network and keys
     keys, found = load_keys(keys_file=s.api_keys_file)
@@ -173,13 +169,7 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     if s.generator.max_ongoing_requests < s.batch.max_batch_size:
         problems.append(f"serve.generator.max_ongoing_requests={s.generator.max_ongoing_requests} must be at least "
                         f"serve.batch.max_batch_size={s.batch.max_batch_size}, or batches never fill")
-    if s.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"serve.device={s.device!r} is not one of auto, cpu, cuda")
-    if s.dtype not in DTYPES:
-        problems.append(f"serve.dtype={s.dtype!r} is not one of {', '.join(DTYPES)}")
-    if s.engine not in ENGINES:
-        problems.append(f"serve.engine={s.engine!r} is not one of {', '.join(ENGINES)}")
-    elif s.engine == "vllm":
+    if s.engine == "vllm":
         problems += _check_vllm(s, models)
     if s.device == "cuda" and s.generator.num_gpus <= 0:
         problems.append("serve.device=cuda needs serve.generator.num_gpus > 0 (Ray hides GPUs from actors without)")
@@ -201,7 +191,7 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         base_path=base_path, models=tuple(models), default_model=main_id, index_path=index_path, index=job.index,
         retrieval=job.retrieval, serve=s, cluster=c, keys=keys,
         out_dir=str(Path(job.out_dir).expanduser().resolve()),
-        resolved_config=OmegaConf.to_container(cfg, resolve=True))
+        resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def extra_adapters(s: ServeConfig) -> bool:

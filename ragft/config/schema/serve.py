@@ -10,6 +10,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from ragft.config.schema.choices import Device, Dtype, Engine, RetrievalMode
 from ragft.config.schema.common import ClusterConfig, RegistryConfig
 from ragft.config.schema.index import IndexConfig, RetrievalConfig
 
@@ -32,8 +33,10 @@ class BatchConfig:
     """Dynamic batching of generation (Ray Serve's serve.batch): concurrent requests share decode steps."""
 
     enabled: bool = True  # false: one request per decode loop (the baseline of launch/bench_serve.py)
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.0  # how long a lone request waits for company before it joins the running batch
+    max_batch_size: int = 16  # a decode step of 16 rows costs little more than one of 1: tokens/s scales
+    # how long a lone request waits for company before it joins the running batch; batching is continuous (a
+    # request joins at the next step anyway), so waiting buys nothing
+    batch_wait_timeout_s: float = 0.0
 
 
 @dataclass
@@ -42,9 +45,9 @@ class RagConfig:
 
     enabled: bool = True  # chat requests retrieve unless the request says {"rag": {"enabled": false}}
     completions: bool = False  # /v1/completions retrieves only when the request asks for it
-    k: int = 4  # chunks put in the prompt
+    k: int = 4  # chunks put in the prompt: more, better recall and longer prompts
     max_k: int = 16  # the most a request may ask for
-    mode: Optional[str] = None  # dense | bm25 | hybrid; null: retrieval.mode
+    mode: Optional[RetrievalMode] = None  # null: retrieval.mode
     # The last user message becomes `template` with {context} and {question}; each chunk is `chunk_template`
     # with {n} (1-based rank), {title}, {doc_id}, {text}. eval and RAFT data render prompts with the same code.
     # The question before the context as well as after it: a causal model then reads every chunk knowing what
@@ -77,11 +80,13 @@ class ServeConfig:
     port: int = 8000
     app_name: str = "ragft"
     name: str = "ft"  # model id of `checkpoint` in the API
-    base_name: Optional[str] = "base"  # model id of the base model (null: not served)
-    adapters: dict[str, str] = field(default_factory=dict)  # more LoRA adapters on the same base: {id: folder}
+    # model id of the base model (null: not served). A LoRA checkpoint shares its base: no extra memory; a full
+    # fine-tune needs a second copy.
+    base_name: Optional[str] = "base"
+    adapters: dict[str, str] = field(default_factory=dict)  # more LoRA adapters on the base: +serve.adapters.<id>=<folder>
     adapters_dir: Optional[str] = None  # every LoRA adapter folder directly in it, served under its folder name
     api_keys_file: Optional[str] = None  # JSON {"api_keys": [...], "admin_keys": [...]}, besides the env vars
-    log_prompts: bool = False  # access-log lines carry prompt text only when true
+    log_prompts: bool = False  # access-log lines carry prompt text (user data) only when true
     access_log: Optional[str] = None  # file the ingress appends access lines to (also logged to the replica log)
     detach: bool = False  # true: leave the app running on the Ray cluster (cluster=ray) and return
     request_timeout_s: float = 60.0  # a request still unanswered after this gets a 504 in OpenAI's error shape
@@ -90,16 +95,17 @@ class ServeConfig:
     max_tokens_limit: int = 1024  # max_tokens above it is a 400
     max_n: int = 8  # choices per request
     max_prompts: int = 32  # prompts in one /v1/completions request (a harness batches its scoring requests)
-    device: str = "auto"  # auto | cpu | cuda: where the generator runs
-    dtype: str = "auto"  # auto (bfloat16 where the device has native bf16, else float32) | float32 | bfloat16 | float16
+    device: Device = Device.auto  # where the generator runs
+    dtype: Dtype = Dtype.auto  # auto: bfloat16 where the device has native bf16, else float32
     # transformers: ragft's own decode loop (ragft.serve.transformers_engine); vllm: vLLM's engine
     # (ragft.serve.vllm_engine), which serves the base and LoRA adapters, or one full fine-tune alone.
-    engine: str = "transformers"
+    engine: Engine = Engine.transformers
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rag: RagConfig = field(default_factory=RagConfig)
-    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
+    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)  # no CPU reserved: it mostly waits on the others
     retriever: DeploymentConfig = field(default_factory=DeploymentConfig)
+    # each replica holds a copy of the model: raise max_replicas with the GPUs you have
     generator: DeploymentConfig = field(default_factory=DeploymentConfig)
     ready_timeout_s: float = 300.0  # how long `ragft serve` waits for the deployments to come up
     # Ray Serve's HAProxy ingress instead of its Python HTTP proxy: less overhead per request (figures:
