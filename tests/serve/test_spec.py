@@ -40,7 +40,7 @@ def test_every_problem_at_once(compose_serve, serve_models, tmp_path, no_keys):
             "serve.rag.template='Context: {context}'",  # no {question}
             "serve.rag.k=50", "serve.default_max_tokens=0", "serve.batch.max_batch_size=0",
             "serve.generator.min_replicas=2", "serve.generator.max_replicas=1",
-            "serve.detach=true", "index.keep_versions=0"))  # closed choices fail at compose: tests/config/test_defaults.py
+            "serve.detach=true", "index.keep_versions=0"))  # bad closed choices fail at compose already
     text = str(err.value)
     for needle in ("unique", "holds no ragft index", "no API key is configured", "{question}", "serve.rag.k=50",
                    "default_max_tokens=0", "max_batch_size=0", "min_replicas", "serve.detach=true",

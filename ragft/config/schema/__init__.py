@@ -1,8 +1,10 @@
 """Typed config schemas: the single home of every default.
 
-Each dataclass is one Hydra config group (or a plain section). YAML files in
-`conf/` only set values; Hydra checks them against these types when it composes,
-so a misspelt key or a string where a number belongs fails at compose time.
+Each dataclass is one Hydra config group (or a plain section). YAML files in `ragft/conf/` set only
+what differs from these defaults (the groups' choices, recipes; tests/config/test_defaults.py fails on a
+YAML value equal to its default); Hydra checks them against these types when it composes, so a misspelt
+key, a string where a number belongs, or a value outside a closed choice (an Enum of `choices.py`, e.g.
+`cluster.name`, `strategy.precision`) fails at compose time with the allowed values listed.
 
 One module per command, plus the sections several of them share:
 
@@ -14,6 +16,7 @@ One module per command, plus the sections several of them share:
 | `serve.py` | `ragft serve` (conf/serve.yaml): deployments, batching, RAG prompt, vLLM, `ServeJobConfig` |
 | `eval.py` | `ragft data raft` (conf/raft.yaml) and `ragft eval` (conf/eval.yaml): questions, RAFT, eval |
 | `demo.py` | `ragft demo` (conf/demo.yaml): recipes, `DemoJobConfig` |
+| `choices.py` | the closed choices (Enums whose members are their own string values) |
 
 Every class is importable from here (`from ragft.config.schema import X`), and `register_configs` stores
 each command's primary schema under the name its YAML file lists in `defaults` (`train_schema`, ...).

@@ -104,7 +104,8 @@ class EvalJobConfig:
     base: Optional[str] = None  # the model `base` means; null: the one the checkpoint was trained from
     qa: QuestionsConfig = field(default_factory=QuestionsConfig)
     index: IndexConfig = field(default_factory=IndexConfig)  # index.path null: only base and ft are scored
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # as serve's: the prompt scored is the one served
+    # as serve's: the prompt scored is the one served
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rag: RagConfig = field(default_factory=RagConfig)  # must equal serve.rag (same prompt as served)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -44,7 +44,8 @@ class IndexConfig:
     ray_min_chunks: int = 20_000  # below this, embedding runs in-process: Ray start-up costs more than it saves
     use_gpu: bool = False  # one GPU per Ray embedding worker
     ray_address: Optional[str] = None  # null: the Ray this process is connected to, else an embedded local one
-    kind: IndexKind = IndexKind.auto  # auto: exact flat search up to flat_max_chunks, IVF above (editable in place, unlike HNSW)
+    # auto: exact flat search up to flat_max_chunks, IVF above (editable in place, unlike HNSW)
+    kind: IndexKind = IndexKind.auto
     flat_max_chunks: int = 30_000  # kind=auto: exact flat search up to here, IVF above (launch/bench_index.py)
     ivf_nlist: int = 0  # IVF lists; 0 derives 4*sqrt(chunks)
     ivf_nprobe: int = 128  # lists scanned per query: recall up, speed down (recall@10 0.97-0.99 at 30k-100k)
@@ -54,7 +55,8 @@ class IndexConfig:
     delete_ids: list[str] = field(default_factory=list)  # document ids to remove in this update
     remove_missing: bool = False  # true: corpus.path is the whole truth, documents absent from it are deleted
     rebuild: bool = False  # re-chunk and re-embed every document instead of only the changed ones
-    keep_versions: int = 3  # versions kept on disk; older ones are deleted after a new one is published (open readers keep theirs in memory)
+    # versions kept on disk; older ones are deleted after a new one is published (open readers keep theirs in memory)
+    keep_versions: int = 3
 
 
 @dataclass

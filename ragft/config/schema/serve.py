@@ -83,7 +83,8 @@ class ServeConfig:
     # model id of the base model (null: not served). A LoRA checkpoint shares its base: no extra memory; a full
     # fine-tune needs a second copy.
     base_name: Optional[str] = "base"
-    adapters: dict[str, str] = field(default_factory=dict)  # more LoRA adapters on the base: +serve.adapters.<id>=<folder>
+    # more LoRA adapters on the same base, {id: folder}: +serve.adapters.<id>=<folder>
+    adapters: dict[str, str] = field(default_factory=dict)
     adapters_dir: Optional[str] = None  # every LoRA adapter folder directly in it, served under its folder name
     api_keys_file: Optional[str] = None  # JSON {"api_keys": [...], "admin_keys": [...]}, besides the env vars
     log_prompts: bool = False  # access-log lines carry prompt text (user data) only when true
@@ -103,7 +104,7 @@ class ServeConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rag: RagConfig = field(default_factory=RagConfig)
-    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)  # no CPU reserved: it mostly waits on the others
+    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)  # no CPU reserved: it mostly waits
     retriever: DeploymentConfig = field(default_factory=DeploymentConfig)
     # each replica holds a copy of the model: raise max_replicas with the GPUs you have
     generator: DeploymentConfig = field(default_factory=DeploymentConfig)
