@@ -153,8 +153,9 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     for key in ("request_timeout_s", "generation_timeout_s", "ready_timeout_s"):
         if getattr(s, key) <= 0:
             problems.append(f"serve.{key}={getattr(s, key)} must be positive")
-    if s.max_n < 1:
-        problems.append(f"serve.max_n={s.max_n} must be at least 1")
+    for key in ("max_n", "max_prompts", "max_sequences", "max_body_bytes", "max_prompt_chars"):
+        if getattr(s, key) < 1:
+            problems.append(f"serve.{key}={getattr(s, key)} must be at least 1")
     if s.batch.max_batch_size < 1 or s.batch.batch_wait_timeout_s < 0:
         problems.append(f"serve.batch: max_batch_size={s.batch.max_batch_size} must be >= 1 and "
                         f"batch_wait_timeout_s={s.batch.batch_wait_timeout_s} >= 0")

@@ -96,6 +96,12 @@ class ServeConfig:
     max_tokens_limit: int = 1024  # max_tokens above it is a 400
     max_n: int = 8  # choices per request
     max_prompts: int = 32  # prompts in one /v1/completions request (a harness batches its scoring requests)
+    max_sequences: int = 64  # prompts × n: the sequences one request adds to the shared decode batch
+    # Bounds on what one request may make the server read and tokenize before any limit on tokens applies:
+    # larger bodies get a 413 unread; longer prompts a 400 before the tokenizer (which runs for every request
+    # on the ingress) sees them. Raise both for long-context models.
+    max_body_bytes: int = 4 * 2**20
+    max_prompt_chars: int = 200_000  # characters of all messages or prompts of one request together
     device: Device = Device.auto  # where the generator runs
     dtype: Dtype = Dtype.auto  # auto: bfloat16 where the device has native bf16, else float32
     # transformers: ragft's own decode loop (ragft.serve.transformers_engine); vllm: vLLM's engine
