@@ -121,25 +121,11 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     """Train to `spec.plan.total_steps`. `report` goes to the cluster manager at each checkpoint (and each
     evaluation with `spec.report_evals`); `events` (rank 0 only) feeds the progress display, and defaults
     to printing lines."""
-    import deepspeed
-
     is_rank0 = rank == 0
     device = _device(spec)
     seed_everything(spec.seed)
-
-    tokenizer = load_tokenizer(spec.tokenizer_path)
-    # bf16 weights on GPUs (DeepSpeed keeps fp32 master copies); on CPUs fp32 weights under bf16 autocast
-    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.cluster.use_gpu else torch.float32
-    model = load_model(spec.base_model_path, spec.model, spec.method, dtype, use_cuda=spec.cluster.use_gpu)
-    throughput = Throughput(flops_per_token(model, spec.is_adapter),
-                            peak_flops_per_device(spec.cluster.peak_tflops, spec.cluster.use_gpu), spec.world_size)
+    engine, tokenizer, throughput = _start_engine(spec)
     plan = spec.plan
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=render(spec),
-        lr_scheduler=warmup_cosine(plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio),
-    )
     emit = (events or printing_sink(plan.total_steps)) if is_rank0 else (lambda event: None)
     step, epoch, skip_batches = resume_state(engine, spec, rank, emit)
     plain_norm = None  # stage 0 (ddp) only: the gradient norm DeepSpeed does not compute there
@@ -155,17 +141,9 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 break  # a partial accumulation would spill into the next epoch's first step
             if i < skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
-            batch = {k: v.to(device) for k, v in batch.items()}
-            num_tokens = int(batch.pop("num_tokens"))
-            engine.train()
-            with cpu_autocast(spec):
-                loss = causal_lm_loss(engine, batch)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            if boundary and engine.zero_optimization_stage() == 0:
-                plain_norm = _plain_grad_norm(engine.module)  # stage 0 leaves DeepSpeed's norm unset
-            engine.step()
-            since_log.add(loss.item(), num_tokens, batch["input_ids"].shape[0])
+            loss, num_tokens, rows, norm = _micro_step(engine, batch, spec, device)
+            plain_norm = norm if norm is not None else plain_norm
+            since_log.add(loss, num_tokens, rows)
             micro = i + 1
             if micro % spec.grad_accum:
                 continue
@@ -182,24 +160,12 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 if last_eval is not None:
                     metrics["eval_loss"] = last_eval
                 since_log = StepsSinceLog()
-                if is_rank0:
-                    append_jsonl(Path(spec.out_dir) / "metrics.jsonl", [metrics])
-                    tracker.log(metrics, step)
-                emit({"event": "step", **metrics})
+                _log_step(spec, metrics, is_rank0, tracker, emit)
             saving = step % spec.train.save_every == 0 or done
             if saving:
                 state = {"step": step, "epoch": epoch, "epoch_batches": micro, "run_id": spec.run_id}
-                # the manifest's eval loss is this step's own, so keep_last and `best` compare like with like
-                recorded = {k: v for k, v in metrics.items() if k != "eval_loss"}
-                if evaluated and last_eval is not None:
-                    recorded["eval_loss"] = last_eval
-                saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, recorded, state, is_rank0)
-                if saved is not None:
-                    emit({"event": "checkpoint", "step": step, "path": str(saved.path),
-                          "size_bytes": saved.size_bytes, "seconds": saved.seconds,
-                          "hash_seconds": saved.hash_seconds})
-                    tracker.log({"checkpoint_save_s": saved.seconds, "checkpoint_hash_s": saved.hash_seconds,
-                                 "checkpoint_bytes": saved.size_bytes}, step)
+                _save(engine, tokenizer, spec, step, metrics, last_eval if evaluated else None, state, is_rank0,
+                      tracker, emit)
             # Ray's report is a barrier that waits for the controller's next poll (every 2 s), so only
             # checkpoints go through it, and evaluations in a Tune trial (ASHA compares trials on them);
             # the per-step lines above do not.
@@ -213,10 +179,70 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
         epoch += 1
         skip_batches = 0
     if is_rank0:
-        saved_so_far = checkpoint.complete_checkpoints(spec.checkpoints_dir)  # each hashed as it was saved
-        if saved_so_far:
-            tracker.log_checkpoint(saved_so_far[-1], int(saved_so_far[-1].name))
-        tracker.finish()
+        _finish_tracking(spec, tracker)
+
+
+def _start_engine(spec: TrainSpec):
+    """The model on its DeepSpeed engine, with optimizer and schedule; (engine, tokenizer, throughput meter)."""
+    import deepspeed
+
+    tokenizer = load_tokenizer(spec.tokenizer_path)
+    # bf16 weights on GPUs (DeepSpeed keeps fp32 master copies); on CPUs fp32 weights under bf16 autocast
+    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.cluster.use_gpu else torch.float32
+    model = load_model(spec.base_model_path, spec.model, spec.method, dtype, use_cuda=spec.cluster.use_gpu)
+    throughput = Throughput(flops_per_token(model, spec.is_adapter),
+                            peak_flops_per_device(spec.cluster.peak_tflops, spec.cluster.use_gpu), spec.world_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=render(spec),
+        lr_scheduler=warmup_cosine(spec.plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio),
+    )
+    return engine, tokenizer, throughput
+
+
+def _micro_step(engine, batch: dict, spec: TrainSpec, device) -> tuple[float, int, int, float | None]:
+    """Forward, backward and (at an accumulation boundary) the optimizer step of one micro batch; returns its
+    loss, token count, rows, and under stage 0 the gradient norm DeepSpeed leaves unset (else None)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    num_tokens = int(batch.pop("num_tokens"))
+    engine.train()
+    with cpu_autocast(spec):
+        loss = causal_lm_loss(engine, batch)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(loss)
+    norm = _plain_grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    return loss.item(), num_tokens, batch["input_ids"].shape[0], norm
+
+
+def _log_step(spec: TrainSpec, metrics: dict, is_rank0: bool, tracker, emit: Sink) -> None:
+    if is_rank0:
+        append_jsonl(Path(spec.out_dir) / "metrics.jsonl", [metrics])
+        tracker.log(metrics, metrics["step"])
+    emit({"event": "step", **metrics})
+
+
+def _save(engine, tokenizer, spec: TrainSpec, step: int, metrics: dict, eval_loss: float | None, state: dict,
+          is_rank0: bool, tracker, emit: Sink) -> None:
+    """Save a checkpoint; its manifest's eval loss is this step's own (None: not evaluated at this step), so
+    keep_last and `best` compare like with like."""
+    recorded = {k: v for k, v in metrics.items() if k != "eval_loss"}
+    if eval_loss is not None:
+        recorded["eval_loss"] = eval_loss
+    saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, recorded, state, is_rank0)
+    if saved is not None:
+        emit({"event": "checkpoint", "step": step, "path": str(saved.path), "size_bytes": saved.size_bytes,
+              "seconds": saved.seconds, "hash_seconds": saved.hash_seconds})
+        tracker.log({"checkpoint_save_s": saved.seconds, "checkpoint_hash_s": saved.hash_seconds,
+                     "checkpoint_bytes": saved.size_bytes}, step)
+
+
+def _finish_tracking(spec: TrainSpec, tracker) -> None:
+    saved_so_far = checkpoint.complete_checkpoints(spec.checkpoints_dir)  # each hashed as it was saved
+    if saved_so_far:
+        tracker.log_checkpoint(saved_so_far[-1], int(saved_so_far[-1].name))
+    tracker.finish()
 
 
 def cpu_autocast(spec: TrainSpec):
