@@ -104,14 +104,13 @@ def test_bad_value_in_one_combination_fails_the_sweep_before_anything_runs(tmp_p
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "ragft", "train", "-m", "hydra/launcher=ray_tune", "train.lr=3e-3,-1", "method.r=4,0",
-         "sweep.scheduler=asha", "sweep.mode=lowest", "train.max_steps=4", "train.eval_every=4",
+         "sweep.scheduler=asha", "train.max_steps=4", "train.eval_every=4",
          f"hydra.sweep.dir={sweep}", f"registry.path={tmp_path / 'registry.jsonl'}"],
         cwd=tmp_path, env={**os.environ, "RAGFT_CACHE": str(cache_dir)}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.splitlines()[-5:] == [
-        "ragft train: the config has 4 problem(s); nothing was started:",
-        "  - sweep.mode='lowest' must be min or max",
+    assert proc.stderr.splitlines()[-4:] == [
+        "ragft train: the config has 3 problem(s); nothing was started:",
         "  - trial 1 [train.lr=0.003 method.r=0], trial 3 [train.lr=-1 method.r=0]: method.r=0 must be at least 1",
         "  - trial 2 [train.lr=-1 method.r=4], trial 3 [train.lr=-1 method.r=0]: train.lr=-1.0 must be positive",
         "  - sweep.grace_period × train.eval_every = 4 steps is not below train.max_steps=4: ASHA could never stop "
