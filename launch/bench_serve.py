@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -95,11 +97,11 @@ def overhead(url: str, n: int, max_tokens: int) -> dict:
             elapsed, timing, _ = chat(client, url, QUESTIONS[i % len(QUESTIONS)], max_tokens, rag=True)
             if i >= 5:  # warm-up: first requests pay lazy imports and allocator growth
                 rows.append((elapsed, timing["retrieval"], timing["generation"]))
-    left = sorted((e - r - g) * 1000 for e, r, g in rows)
+    left = [(e - r - g) * 1000 for e, r, g in rows]
     return {"p50_ms": _pct(left, 50), "p99_ms": _pct(left, 99),
-            "e2e_p50_ms": _pct(sorted(e * 1000 for e, _, _ in rows), 50),
-            "retrieval_p50_ms": _pct(sorted(r * 1000 for _, r, _ in rows), 50),
-            "generation_p50_ms": _pct(sorted(g * 1000 for _, _, g in rows), 50)}
+            "e2e_p50_ms": _pct([e * 1000 for e, _, _ in rows], 50),
+            "retrieval_p50_ms": _pct([r * 1000 for _, r, _ in rows], 50),
+            "generation_p50_ms": _pct([g * 1000 for _, _, g in rows], 50)}
 
 
 def throughput(url: str, concurrency: int, seconds: float, max_tokens: int) -> float:
@@ -182,8 +184,6 @@ def engine_throughput(engine, prompts: list[list[int]], concurrency: int, total:
                 if len(sent_at) < total:
                     send()
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    ttft.sort()
-    pauses.sort()
     return {"tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu, "tokens": tokens, "seconds": elapsed,
             "ttft_p50_s": _pct(ttft, 50), "ttft_max_s": _pct(ttft, 100), "pause_p50_s": _pct(pauses, 50),
             "pause_max_s": _pct(pauses, 100)}
@@ -346,11 +346,9 @@ def _bare_vllm(args, warm: list, work: list) -> tuple[float, float]:
     return tokens / seconds, start_s
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
+def _pct(values: list[float], q: float) -> float:
+    """The q-th percentile of `values` (one of them: nearest rank), NaN when there are none."""
+    return float(np.percentile(values, q, method="nearest")) if len(values) else float("nan")
 
 
 def main() -> None:

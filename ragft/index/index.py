@@ -201,7 +201,7 @@ def relative(ranked_lists: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[
 
     Unlike RRF it keeps how far a list's top hit stands above the rest: on name- and code-heavy
     questions BM25's exact match is far ahead, and RRF (ranks only) lets chunks that both lists
-    rank moderately outvote it (sample qa.jsonl recall@5: rrf 0.997, relative 1.000 = bm25).
+    rank moderately outvote it (docs/benchmarks.md compares the two).
     A row missing from a list scores 0 there. Ties go to the lower row: deterministic.
     """
     fused: dict[int, float] = {}

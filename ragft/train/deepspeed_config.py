@@ -65,7 +65,9 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     """Linear warmup to the peak LR, then cosine decay to `min_lr_ratio` of it.
 
     Returns a factory DeepSpeed calls with its optimizer. Step 0 already trains
-    (factor 1/(warmup+1), not 0), so no step is wasted at lr=0.
+    (factor 1/(warmup+1), not 0), so no step is wasted at lr=0: that is the one difference from transformers'
+    `get_cosine_with_min_lr_schedule_with_warmup`, whose warmup starts at 0 (a short run's first step would
+    not train), and why this is not that.
     """
     warmup = int(total_steps * warmup_ratio)
 
