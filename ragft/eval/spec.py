@@ -114,7 +114,7 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
 def _check_vllm(e: EvalConfig, kind: Optional[str]) -> list[str]:
     """What eval.engine=vllm cannot do: vLLM missing, a full fine-tune (a second set of weights beside the base,
     which one vLLM engine cannot hold), perplexity (prompt logprobs, which vLLM 0.32 fails on with an adapter)."""
-    from ragft.serve import vllm_engine
+    from ragft.generate import vllm_engine
 
     problems = []
     if not vllm_engine.available():

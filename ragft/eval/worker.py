@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import torch
 
 from ragft.model.precision import resolve_dtype
-from ragft.serve.engine import Engine, GenerationRequest, SamplingParams
-from ragft.serve.transformers_engine import TransformersEngine
+from ragft.generate.engine import Engine, GenerationRequest, SamplingParams
+from ragft.generate.transformers_engine import TransformersEngine
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class EvalWorker:
         args = dict(base_name="base", adapters=adapters, full_models=full, device=device,
                     dtype=resolve_dtype(dtype, device))
         if engine == "vllm":
-            from ragft.serve.vllm_engine import VLLMEngine
+            from ragft.generate.vllm_engine import VLLMEngine
 
             self.engine: Engine = VLLMEngine(base_path, **args, **(vllm or {}))
         else:

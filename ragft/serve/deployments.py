@@ -31,8 +31,8 @@ from ragft.index.index import Index
 from ragft.index.spec import IndexSpec
 from ragft.index.update import update_index
 from ragft.model.precision import resolve_device, resolve_dtype
-from ragft.serve.engine import Engine, GenerationRequest, TokenLogprob
-from ragft.serve.transformers_engine import TransformersEngine
+from ragft.generate.engine import Engine, GenerationRequest, TokenLogprob
+from ragft.generate.transformers_engine import TransformersEngine
 
 log = logging.getLogger("ray.serve")
 
@@ -187,7 +187,7 @@ class TextGenerator:
 def open_engine(kind: str, engine_args: dict) -> Engine:
     """The engine `serve.engine` names: transformers (ragft's decode loop) or vllm."""
     if kind == "vllm":
-        from ragft.serve.vllm_engine import VLLMEngine
+        from ragft.generate.vllm_engine import VLLMEngine
 
         return VLLMEngine(**engine_args)
     return TransformersEngine(**engine_args)

@@ -38,7 +38,7 @@ from ragft.serve.protocol import (
     completion_chunk, completion_logprobs, completion_response, decode_json, new_id, openapi_body,
     openapi_components, parse, sse, usage,
 )
-from ragft.serve.engine import GenerationRequest, SamplingParams
+from ragft.generate.engine import GenerationRequest, SamplingParams
 from ragft.serve.observe import Observer, RequestRecord, log
 from ragft.serve.spec import ServeSpec
 

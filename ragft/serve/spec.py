@@ -293,7 +293,7 @@ def _check_vllm(s: ServeConfig, models: list[ServedModel]) -> list[str]:
     """What serve.engine=vllm cannot do here: vLLM missing, a full fine-tune next to other models, bad settings.
     (A LoRA rank above vLLM's largest is reported by the engine as the replica starts: checking it here would
     import vLLM into the driver.)"""
-    from ragft.serve import vllm_engine
+    from ragft.generate import vllm_engine
 
     problems = []
     if not vllm_engine.available():

@@ -88,7 +88,7 @@ class EvalConfig:
     # float32) | float32 | bfloat16 | float16. float32 costs speed on bf16 hardware and matches fp32 references.
     dtype: Dtype = Dtype.auto
     perplexity: bool = True  # teacher-forced perplexity of the answers under each system: cheap next to generation
-    # transformers: ragft's engine (ragft.serve.transformers_engine); vllm: vLLM's (LoRA checkpoints,
+    # transformers: ragft's engine (ragft.generate.transformers_engine); vllm: vLLM's (LoRA checkpoints,
     # eval.perplexity=false: vLLM 0.32 computes no prompt logprobs with an adapter loaded)
     engine: Engine = Engine.transformers
     vllm: VLLMConfig = field(default_factory=VLLMConfig)

@@ -104,8 +104,8 @@ class ServeConfig:
     max_prompt_chars: int = 200_000  # characters of all messages or prompts of one request together
     device: Device = Device.auto  # where the generator runs
     dtype: Dtype = Dtype.auto  # auto: bfloat16 where the device has native bf16, else float32
-    # transformers: ragft's own decode loop (ragft.serve.transformers_engine); vllm: vLLM's engine
-    # (ragft.serve.vllm_engine), which serves the base and LoRA adapters, or one full fine-tune alone.
+    # transformers: ragft's own decode loop (ragft.generate.transformers_engine); vllm: vLLM's engine
+    # (ragft.generate.vllm_engine), which serves the base and LoRA adapters, or one full fine-tune alone.
     engine: Engine = Engine.transformers
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -27,8 +27,8 @@ pytest.importorskip("vllm")
 
 import ray  # noqa: E402
 
-from ragft.serve.engine import GenerationRequest, SamplingParams  # noqa: E402
-from ragft.serve.transformers_engine import TransformersEngine  # noqa: E402
+from ragft.generate.engine import GenerationRequest, SamplingParams  # noqa: E402
+from ragft.generate.transformers_engine import TransformersEngine  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +52,7 @@ class EngineHost:
     """A VLLMEngine in a Ray actor: runs requests to the end and returns what each one got."""
 
     def __init__(self, base_path: str, **kwargs):
-        from ragft.serve.vllm_engine import VLLMEngine
+        from ragft.generate.vllm_engine import VLLMEngine
 
         started = time.perf_counter()
         self.engine = VLLMEngine(base_path, **kwargs)
@@ -289,13 +289,14 @@ def test_scores_and_logprobs_with_adapters_are_refused_clearly(tiny_lora):
 
 
 def test_full_fine_tune_next_to_the_base_is_refused_before_loading(serve_models):
-    from ragft.serve.vllm_engine import VLLMEngine
+    from ragft.generate.vllm_engine import VLLMEngine
 
     with pytest.raises(ValueError, match="full fine-tune only alone"):
         VLLMEngine(str(serve_models.base), full_models={"ft": str(serve_models.base)})
 
 
-def test_serve_config_refuses_a_full_fine_tune_beside_other_models(serve_models, compose_serve, tmp_path):
+def test_serve_config_refuses_a_full_fine_tune_beside_other_models(serve_models, tmp_path):
+    from ragft.config.compose import compose_config
     from ragft.config.spec import ConfigError
     from ragft.serve.spec import validate_serve
 
@@ -304,7 +305,8 @@ def test_serve_config_refuses_a_full_fine_tune_beside_other_models(serve_models,
     (full / "manifest.json").write_text(json.dumps({"run_id": "run-full", "step": 1, "method": "full",
                                                     "model": {"source": str(serve_models.base)}}))
     with pytest.raises(ConfigError, match="only alone"):
-        validate_serve(compose_serve(f"checkpoint={full}", "serve.engine=vllm", f"out_dir={tmp_path / 'run'}"))
-    spec = validate_serve(compose_serve(f"checkpoint={full}", "serve.engine=vllm", "serve.base_name=null",
-                                        f"out_dir={tmp_path / 'run'}"))
+        validate_serve(compose_config("serve", [f"checkpoint={full}", "serve.engine=vllm",
+                                                f"out_dir={tmp_path / 'run'}"]))
+    spec = validate_serve(compose_config("serve", [f"checkpoint={full}", "serve.engine=vllm", "serve.base_name=null",
+                                                   f"out_dir={tmp_path / 'run'}"]))
     assert [m.kind for m in spec.models] == ["full"]

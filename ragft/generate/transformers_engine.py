@@ -4,9 +4,9 @@
 needs more: requests of one batch may name different models (the base, any LoRA adapter, a full
 fine-tune), every step must be streamed, requests end at different steps, and each samples
 with its own settings and seed. So the loop is written out, in four modules: this one (loading
-the weights, the engine, the continuous batch), `ragft.serve.decode_group` (the sequences that
-decode on one set of weights and their shared KV cache), `ragft.serve.sampling` and
-`ragft.serve.detokenize`.
+the weights, the engine, the continuous batch), `ragft.generate.decode_group` (the sequences that
+decode on one set of weights and their shared KV cache), `ragft.generate.sampling` and
+`ragft.generate.detokenize`.
 
 - Weights. The base is loaded once and every LoRA adapter is loaded onto it (PEFT), so adapters
   cost only their low-rank matrices. Requests naming the base or any adapter share one forward per
@@ -42,9 +42,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ragft.model.build import load_tokenizer
-from ragft.serve.decode_group import DecodeGroup, DecodingSequence, ModelWeights
-from ragft.serve.detokenize import IncrementalDetokenizer
-from ragft.serve.engine import (Batch, Delta, Engine, GenerationRequest, TokenLogprob, check_logprobs_request,
+from ragft.generate.decode_group import DecodeGroup, DecodingSequence, ModelWeights
+from ragft.generate.detokenize import IncrementalDetokenizer
+from ragft.generate.engine import (Batch, Delta, Engine, GenerationRequest, TokenLogprob, check_logprobs_request,
     check_request, model_names, stop_token_ids)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch

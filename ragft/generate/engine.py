@@ -6,8 +6,8 @@ back: the new text of each request as it decodes. `Engine` is the interface: `op
 continuous `Batch` that requests join at any step (what the TextGenerator deployment drives),
 `generate` runs a fixed set of requests, `score` and `token_logprobs` are teacher-forced.
 
-Two engines implement it: `ragft.serve.transformers_engine` (ragft's own decode loop over the
-transformers KV cache, `serve.engine=transformers`) and `ragft.serve.vllm_engine` (vLLM's). The helpers
+Two engines implement it: `ragft.generate.transformers_engine` (ragft's own decode loop over the
+transformers KV cache, `serve.engine=transformers`) and `ragft.generate.vllm_engine` (vLLM's). The helpers
 here (`check_request`, `check_logprobs_request`, `model_names`, `stop_token_ids`) are what both share,
 so a request is refused, and a completion ends, the same way whichever engine runs it.
 """

@@ -1,7 +1,7 @@
 """The sequences that decode together on one set of weights, and the KV cache they share.
 
 A `DecodeGroup` holds the `DecodingSequence`s (one per request while it decodes) that run on one
-`ModelWeights`, and steps them with one forward per step; `ragft.serve.transformers_engine` groups
+`ModelWeights`, and steps them with one forward per step; `ragft.generate.transformers_engine` groups
 a batch's requests by weights and steps each group.
 
 - Batching. A group's prompts are left-padded, so every sequence's next token lands in the last
@@ -12,10 +12,10 @@ a batch's requests by weights and steps each group.
 - Shrinking. A sequence leaves its group the step it finishes (`Cache.batch_select_indices`), and
   padding columns that no live sequence attends to any more are cut from the cache, so the cost of
   a step follows the live sequences, not the batch the engine started with.
-- Stopping. A sequence ends on one of its stop token ids (`ragft.serve.engine.stop_token_ids`), a
+- Stopping. A sequence ends on one of its stop token ids (`ragft.generate.engine.stop_token_ids`), a
   stop string, max_tokens or the context length ("length"), or its deadline (checked before each
   step's forward, so an expired sequence costs no more compute).
-- Sampling. One host sync per group and step: the sampled ids, read once (`ragft.serve.sampling`
+- Sampling. One host sync per group and step: the sampled ids, read once (`ragft.generate.sampling`
   draws them).
 """
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PretrainedConfig
 
-from ragft.serve.detokenize import IncrementalDetokenizer
-from ragft.serve.engine import GREEDY_BELOW, Delta, GenerationRequest
-from ragft.serve.sampling import sample_tokens, seeded_generator
+from ragft.generate.detokenize import IncrementalDetokenizer
+from ragft.generate.engine import GREEDY_BELOW, Delta, GenerationRequest
+from ragft.generate.sampling import sample_tokens, seeded_generator
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Per-request sampling for ragft's transformers engine: each request's temperature, top-p and seed.
 
 Logits are sampled in fp32, each request with its own `torch.Generator`, so a seeded request gets
-the same draws whatever else shares its batch. A request under `ragft.serve.engine.GREEDY_BELOW`
-gets no generator and is decoded by argmax (`ragft.serve.decode_group`).
+the same draws whatever else shares its batch. A request under `ragft.generate.engine.GREEDY_BELOW`
+gets no generator and is decoded by argmax (`ragft.generate.decode_group`).
 """
 
 from __future__ import annotations

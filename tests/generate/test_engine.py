@@ -19,9 +19,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from helpers.serve_models import build_full_model, build_lora_adapter, build_tiny_base
-from ragft.serve.detokenize import IncrementalDetokenizer
-from ragft.serve.engine import Delta, GenerationRequest, SamplingParams
-from ragft.serve.transformers_engine import TransformersEngine
+from ragft.generate.detokenize import IncrementalDetokenizer
+from ragft.generate.engine import Delta, GenerationRequest, SamplingParams
+from ragft.generate.transformers_engine import TransformersEngine
 
 PROMPTS = [
     "The ferry Fousond",
@@ -190,7 +190,7 @@ def test_rows_finishing_at_different_steps(engine, ref):
 
 
 def test_one_forward_per_weights_and_finished_rows_leave_the_batch(engine, monkeypatch):
-    from ragft.serve.decode_group import DecodeGroup
+    from ragft.generate.decode_group import DecodeGroup
 
     calls = []
     forward = DecodeGroup.forward
@@ -231,7 +231,7 @@ def test_prefill_budget_admits_a_burst_over_steps_and_answers_as_one_by_one(engi
     """A burst of requests larger than the prefill budget joins over several steps, in arrival order, while the
     rows already in keep decoding at every step; each answer equals the same request generated alone (one by
     one, and transformers' `generate`)."""
-    from ragft.serve.decode_group import DecodeGroup
+    from ragft.generate.decode_group import DecodeGroup
 
     models = ["base", "a", "full", "b.v2", "a", "base", "full", "b.v2", "base", "a"]
     requests = [greedy(f"r{i}", m, encode(engine, PROMPTS[i % len(PROMPTS)]), 6 + i % 5) for i, m in enumerate(models)]
@@ -414,7 +414,7 @@ def test_token_logprobs_match_a_plain_forward(engine, ref, model, start):
 
 
 def test_token_logprobs_projected_in_chunks_match_one_projection(engine, monkeypatch):
-    import ragft.serve.transformers_engine as transformers_engine
+    import ragft.generate.transformers_engine as transformers_engine
 
     ids = list(encode(engine, PROMPTS[2]))
     whole = engine.token_logprobs("a", ids, 1, top_k=2)

@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ragft.model.build import context_length, load_tokenizer
-from ragft.serve.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, TokenLogprob,
+from ragft.generate.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, TokenLogprob,
     check_logprobs_request, check_request, model_names, stop_token_ids)
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # vLLM reads it when the engine is created
