@@ -39,12 +39,12 @@ from pathlib import Path
 import pytest
 
 from helpers.serve_models import build_lora_adapter, build_tiny_base
+from ragft import checkpoints as ckpt
 from ragft.config.compose import compose_config
 from ragft.index.embed import DEFAULT_MODEL, Embedder
 from ragft.index.spec import validate_index
 from ragft.index.update import update_index
 from ragft.sample import sample_path
-from ragft.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="session")

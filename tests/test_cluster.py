@@ -22,8 +22,8 @@ import yaml
 
 from helpers.ray_nodes import cluster_env, two_node_ray
 from ragft import registry
+from ragft.checkpoints import verify
 from ragft.net import is_loopback
-from ragft.train.checkpoint import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 6

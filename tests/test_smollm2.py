@@ -17,13 +17,13 @@ import openai
 import pytest
 
 from helpers.net import free_port
+from ragft.checkpoints import complete_checkpoints, verify
 from ragft.config.compose import compose_config
 from ragft.config.schema import RagConfig
 from ragft.config.spec import validate_train
 from ragft.index.index import Hit
 from ragft.rag import rag_messages
 from ragft.sample import sample_path
-from ragft.train.checkpoint import complete_checkpoints, verify
 from ragft.train.run import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]

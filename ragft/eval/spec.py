@@ -13,13 +13,13 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ragft.checkpoints import describe, resolve_checkpoint
 from ragft.config.schema import (ClusterConfig, EvalConfig, EvalJobConfig, QuestionsConfig, RagConfig,
                                  RegistryConfig, RetrievalConfig, TrackingConfig)
 from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
 from ragft.rag import check_templates
-from ragft.serve.spec import describe, resolve_checkpoint
 
 SYSTEMS = ("base", "base_rag", "ft", "ft_rag")
 
@@ -81,7 +81,8 @@ def validate_eval(cfg: DictConfig) -> EvalSpec:
         problems.append(f"cluster={job.cluster.name}: eval runs on the embedded Ray (local) or a Ray cluster (ray)")
 
     checkpoint, kind, base, run_id, step = None, "full", None, None, None
-    resolved, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry)
+    resolved, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry.path,
+                                         job.registry.best_metric, job.registry.best_mode)
     problems += found
     if resolved is not None:
         served, base, described = describe(resolved, "ft")

@@ -2,9 +2,9 @@
 
 `validate_serve` turns a composed conf/serve.yaml into a `ServeSpec` or raises
 `ragft.config.spec.ConfigError` listing every problem at once, before Ray is touched.
-Checkpoints resolve here: a folder is read for what it is (a LoRA adapter, a full model, a
-plain model), `checkpoint=latest` names the newest complete checkpoint under train_runs_dir,
-and every checkpoint with a manifest is checked against its sha256 sums.
+Checkpoints resolve here, through `ragft.checkpoints`: a folder is read for what it is (a LoRA adapter,
+a full model, a plain model), `checkpoint=latest` names the newest complete checkpoint under
+train_runs_dir, and every checkpoint with a manifest is checked against its sha256 sums.
 
 Model ids in requests only ever select from the catalog built here; an id is never joined
 to a path, so no request can make the server read outside the folders configured.
@@ -20,35 +20,16 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ragft import registry
-from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, RetrievalConfig, ServeConfig,
-                                 ServeJobConfig)
+from ragft.checkpoints import ADAPTER_CONFIG, MANIFEST, ServedModel, describe, resolve_checkpoint
+from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
 from ragft.config.spec import ConfigError, typed_job_config
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
 from ragft.net import is_loopback
 from ragft.rag import check_templates
 from ragft.serve.keys import KeyRing, load_keys
-from ragft.train import checkpoint as ckpt
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """One entry of /v1/models."""
-
-    id: str
-    kind: str  # base | lora | full
-    path: str  # the folder (or hub id) its weights load from
-    run_id: Optional[str] = None
-    step: Optional[int] = None
-    method: Optional[str] = None
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "checkpoint": self.path, "run_id": self.run_id, "step": self.step,
-                "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -85,7 +66,8 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
 
     # --- models
     models, base_path = [], None
-    checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry)
+    checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry.path,
+                                        job.registry.best_metric, job.registry.best_mode)
     problems += found
     if checkpoint is not None:
         main, base_path, found = describe(checkpoint, s.name)
@@ -199,59 +181,6 @@ def extra_adapters(s: ServeConfig) -> bool:
     return bool(s.adapters or s.adapters_dir)
 
 
-def resolve_checkpoint(value: str, train_runs_dir: str, reg: RegistryConfig) -> tuple[Optional[str], list[str]]:
-    """A checkpoint folder (or hub id) for `value`: a path, or `latest` / `best` from the registry."""
-    if value in ("latest", "best"):
-        try:
-            return registry.resolve(reg.path, value, reg.best_metric, reg.best_mode).checkpoint, []
-        except registry.RegistryError as err:
-            if value == "best":
-                return None, [str(err)]
-        # latest with an empty registry: the newest checkpoint of the runs on disk (older runs, copied runs)
-        found = [c for run in sorted(Path(train_runs_dir).glob("*/checkpoints"))
-                 for c in ckpt.complete_checkpoints(run)]
-        if not found:
-            return None, [f"checkpoint=latest: no checkpoint in the registry {reg.path} nor under "
-                          f"train_runs_dir={train_runs_dir}"]
-        newest = max(found, key=lambda p: (p / ckpt.MANIFEST).stat().st_mtime)
-        return str(newest.resolve()), []
-    path = Path(value).expanduser()
-    if path.exists():
-        return str(path.resolve()), []
-    if re.match(r"^[\w.-]+/[\w.-]+$", value) and not value.startswith((".", "/")):
-        return value, []  # a hub id: from_pretrained resolves it (offline: from the local HF cache)
-    return None, [f"checkpoint={value} does not exist (a checkpoint folder, a model folder or hub id, latest or best)"]
-
-
-def describe(path: str, model_id: str) -> tuple[Optional[ServedModel], Optional[str], list[str]]:
-    """What the folder at `path` is, served as `model_id`, and the base model it needs."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return ServedModel(model_id, "base", path), path, []  # a hub id
-    manifest = {}
-    if (folder / ckpt.MANIFEST).is_file():
-        manifest = json.loads((folder / ckpt.MANIFEST).read_text())
-        if "files" in manifest:
-            bad = ckpt.verify(folder, ckpt.inference_files(folder))  # the resume-only state is never read here
-            if bad:
-                return None, None, [f"checkpoint {path} is damaged: sha256 mismatch in {', '.join(bad[:3])}"]
-    run_id, step, method = manifest.get("run_id"), manifest.get("step"), manifest.get("method")
-    if (folder / ADAPTER_CONFIG).is_file():
-        adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        base = (manifest.get("model") or {}).get("source") or adapter_config.get("base_model_name_or_path")
-        if not base:
-            return None, None, [f"{path}: a LoRA adapter that names no base model (base_model_name_or_path)"]
-        if Path(base).is_absolute() and not Path(base).is_dir():
-            return None, None, [f"{path}: its base model {base} does not exist"]
-        return ServedModel(model_id, "lora", path, run_id, step, method or "lora"), base, []
-    if (folder / "config.json").is_file():
-        if run_id is not None:
-            base = (manifest.get("model") or {}).get("source")
-            return ServedModel(model_id, "full", path, run_id, step, method or "full"), base or path, []
-        return ServedModel(model_id, "base", path), path, []
-    return None, None, [f"{path} is neither a LoRA adapter ({ADAPTER_CONFIG}) nor a model (config.json)"]
-
-
 def adapters_in(folder: str) -> tuple[dict[str, str], list[str]]:
     """Every adapter folder directly inside `folder`, by name; none may resolve outside it (symlinks)."""
     root = Path(folder).expanduser().resolve()
@@ -277,7 +206,7 @@ def _check_same_base(base_path: str, adapters: list[ServedModel]) -> list[str]:
     want = {k: json.loads(base_config.read_text()).get(k) for k in shape_keys}
     problems = []
     for adapter in adapters:
-        manifest = Path(adapter.path) / ckpt.MANIFEST
+        manifest = Path(adapter.path) / MANIFEST
         source = json.loads(manifest.read_text()).get("model", {}).get("source") if manifest.is_file() else None
         source = source or json.loads((Path(adapter.path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         other = Path(source or "") / "config.json"

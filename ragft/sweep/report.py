@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ragft import registry
+from ragft.checkpoints import complete_checkpoints
 from ragft.eval.metrics import finite
 from ragft.jsonl import read_records
 
@@ -144,7 +145,5 @@ class SweepReport(Callback):
 
 
 def _newest_checkpoint(folder: Path) -> str | None:
-    from ragft.train import checkpoint
-
-    ckpts = checkpoint.complete_checkpoints(folder / "checkpoints")
+    ckpts = complete_checkpoints(folder / "checkpoints")
     return str(ckpts[-1]) if ckpts else None

@@ -9,13 +9,12 @@ All ranks write into `.tmp-<step>` (DeepSpeed's state is sharded) and hash the f
 in parallel; rank 0 then adds the gathered weights, merges the digests into the manifest and
 renames the folder, so a folder named by its step is always complete. An adapter's DeepSpeed
 state leaves out the frozen base weights: they are the base model's, loaded again on resume.
-Reading checks what it loads: resume splits the checkpoint's files over the ranks, serving and
-evaluation hash only the weights, config and tokenizer (`inference_files`).
+Reading checks what it loads: resume splits the checkpoint's files over the ranks (`latest_valid`);
+what every reader shares (the manifest, verification, resolution for eval and serve) is `ragft.checkpoints`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -29,15 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ragft.checkpoints import (DEEPSPEED_DIR, MANIFEST, RNG_DIR, TRAINER_STATE, best_by_eval_loss,
+                               complete_checkpoints, read_manifest, sha256_file, verify)
 from ragft.jsonl import sync_folder, write_text_atomic
 
-
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
-DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
-RNG_DIR = "rng"
-RESUME_ONLY = (DEEPSPEED_DIR + "/", RNG_DIR + "/", TRAINER_STATE)  # what serving and evaluation never read
 # Files DeepSpeed (zero_pp_rank_<r>_...) or ragft (rng/rank-<r>.pt) write once per rank; the rest are rank 0's.
 _RANK_OF_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
 
@@ -254,52 +249,6 @@ def write_manifest(folder: Path, spec, step: int, metrics: dict, files: dict[str
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """A checkpoint's manifest, or None when it cannot be read as one (a damaged checkpoint, to be skipped)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("metrics", {}), dict)
-    return manifest if ok else None
-
-
-def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
-    """Checkpoint folders that finished writing (named by step, with a manifest), oldest first."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name))
-
-
-def verify(folder: Path, files: list[str] | None = None) -> list[str]:
-    """Files of a checkpoint (all, or those named) whose sha256 differs from its manifest, or that are missing."""
-    manifest = json.loads((folder / MANIFEST).read_text())["files"]
-    bad = []
-    for rel in manifest if files is None else files:
-        path = folder / rel
-        if rel not in manifest or not path.is_file() or sha256_file(path) != manifest[rel]:
-            bad.append(rel)
-    return bad
-
-
-def inference_files(folder: Path) -> list[str]:
-    """The manifest's files that loading the checkpoint as a model reads: weights, configs, tokenizer."""
-    return [rel for rel in json.loads((folder / MANIFEST).read_text())["files"] if not rel.startswith(RESUME_ONLY)]
-
-
-def best_by_eval_loss(checkpoints: list[Path]) -> Path | None:
-    """The checkpoint evaluated at its own step with the lowest eval loss (the earliest on ties); None if none was."""
-    best, best_loss = None, float("inf")
-    for folder in checkpoints:
-        manifest = read_manifest(folder)
-        loss = manifest.get("metrics", {}).get("eval_loss") if manifest else None
-        if loss is not None and loss < best_loss:
-            best, best_loss = folder, loss
-    return best
-
-
 def prune(checkpoints_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and the best by eval loss."""
     found = complete_checkpoints(checkpoints_dir)
@@ -307,14 +256,6 @@ def prune(checkpoints_dir: Path, keep_last: int) -> None:
     for old in found:
         if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_size(folder: Path) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ragft.checkpoints import complete_checkpoints
 from ragft.config.spec import TrainSpec
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
@@ -239,7 +240,7 @@ def _save(engine, tokenizer, spec: TrainSpec, step: int, metrics: dict, eval_los
 
 
 def _finish_tracking(spec: TrainSpec, tracker) -> None:
-    saved_so_far = checkpoint.complete_checkpoints(spec.checkpoints_dir)  # each hashed as it was saved
+    saved_so_far = complete_checkpoints(spec.checkpoints_dir)  # each hashed as it was saved
     if saved_so_far:
         tracker.log_checkpoint(saved_so_far[-1], int(saved_so_far[-1].name))
     tracker.finish()

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ragft import registry
+from ragft.checkpoints import MANIFEST, best_by_eval_loss, complete_checkpoints
 from ragft.cluster import init_ray
 from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
 from ragft.jsonl import read_records
 from ragft.signals import on_stop_signal
-from ragft.train import checkpoint
 from ragft.train.loop import STOP_FILE
 from ragft.train.tracking import WANDB_INFO
 
@@ -190,9 +190,9 @@ def load_rows(path: str):
 
 
 def write_result(spec: TrainSpec, result, seconds: float) -> dict:
-    ckpts = checkpoint.complete_checkpoints(spec.checkpoints_dir)
+    ckpts = complete_checkpoints(spec.checkpoints_dir)
     final = ckpts[-1] if ckpts else None
-    best = checkpoint.best_by_eval_loss(ckpts)  # pruning always keeps it, so it exists
+    best = best_by_eval_loss(ckpts)  # pruning always keeps it, so it exists
     summary = {
         "run_id": spec.run_id,
         "out_dir": spec.out_dir,
@@ -227,7 +227,7 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
         links = {"result": str(Path(spec.out_dir) / "result.json"), **({"wandb": summary["wandb"].get("url")}
                                                                     if summary.get("wandb") else {})}
         for folder in dict.fromkeys([best or final, final]):  # the best by eval loss, then the final one
-            recorded = json.loads((folder / checkpoint.MANIFEST).read_text())["metrics"]
+            recorded = json.loads((folder / MANIFEST).read_text())["metrics"]
             metrics = {"train.loss": recorded.get("loss"), "train.eval_loss": recorded.get("eval_loss")}
             registry.record_checkpoint(spec.registry_path, folder, links=links,
                                        metrics={k: v for k, v in metrics.items() if v is not None})

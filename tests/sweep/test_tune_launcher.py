@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers.wandb_offline import records
-from ragft.train.checkpoint import verify
+from ragft.checkpoints import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from ragft import registry
+from ragft.checkpoints import MANIFEST, RNG_DIR, complete_checkpoints, inference_files, sha256_file, verify
 from ragft.config.spec import DataPlan, validate_train
-from ragft.train.checkpoint import (MANIFEST, RNG_DIR, complete_checkpoints, files_written_by, inference_files,
-                                    latest_valid, load_rng_state, prune, save_rng_state, sha256_file, share, verify)
+from ragft.train.checkpoint import files_written_by, latest_valid, load_rng_state, prune, save_rng_state, share
 from ragft.train.run import write_result
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from ragft.checkpoints import complete_checkpoints, verify
 from ragft.config.spec import validate_train
-from ragft.train.checkpoint import complete_checkpoints, latest_valid, verify
+from ragft.train.checkpoint import latest_valid
 from ragft.train.run import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]

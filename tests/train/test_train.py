@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ragft.checkpoints import complete_checkpoints, verify
 from ragft.config.spec import validate_train
-from ragft.train.checkpoint import complete_checkpoints, verify
 from ragft.train.run import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
