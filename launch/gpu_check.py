@@ -7,7 +7,7 @@ run (missing package, no CUDA, time budget spent):
 
 1. environment: versions, the device, which optional packages are present;
 2. kernels: each ragft kernel's forward + backward time, saved-for-backward bytes and peak memory against
-   its torch reference (launch/bench_kernels.py), at Llama-3.2-1B shapes;
+   its torch reference (kernels/benchmarks/bench_kernels.py), at Llama-3.2-1B shapes;
 3. training: tokens/s, MFU and peak memory of full fine-tuning and LoRA, bf16, of a random-init
    Llama-3.2-1B-shaped model (1.2B parameters, vocabulary 128,256, tied embeddings) with model.kernels
    none, ragft and liger (when Liger-Kernel is installed); every position labelled (the LM head's worst
@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-LAUNCH = Path(__file__).resolve().parent
-REPO = LAUNCH.parent
-sys.path[:0] = [str(REPO), str(LAUNCH)]  # ragft from this checkout (it may not be installed), bench_kernels
+REPO = Path(__file__).resolve().parent.parent
+KERNELS_SRC = REPO / "kernels" / "src"
+# ragft and ragft_kernels from this checkout (they may not be installed); bench_kernels beside the kernels
+sys.path[:0] = [str(REPO), str(KERNELS_SRC), str(REPO / "kernels" / "benchmarks")]
 
 # Llama-3.2-1B's shape; the dry run's is tiny. vocab >= the sample tokenizer's 2,048 ids. Head size 64 in both:
 # vLLM's CPU attention takes no smaller one.
@@ -250,7 +251,8 @@ def main() -> None:
 
     steps = args.steps or (4 if dry else 12)
     log_every = steps // 2
-    env = dict(os.environ, TRITON_INTERPRET="0", RAGFT_CACHE=str(cache), WANDB_MODE="disabled")
+    env = dict(os.environ, TRITON_INTERPRET="0", RAGFT_CACHE=str(cache), WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(KERNELS_SRC), os.environ.get("PYTHONPATH")])))
     common = ["model=local", f"model.name={'dry' if dry else 'llama1b'}", f"model.source={folder}",
               "strategy=zero2", "cluster.num_workers=1", f"cluster.use_gpu={str(cuda).lower()}",
               f"strategy.precision={'bf16' if cuda else 'auto'}", "data.train_on_prompt=true",

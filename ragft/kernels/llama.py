@@ -1,16 +1,16 @@
-"""Put ragft's kernels (or Liger-Kernel's) into a loaded Llama-family model: `model.kernels=ragft|liger`.
+"""Put the kernels of ragft_kernels (or Liger-Kernel's) into a loaded Llama-family model: `model.kernels=ragft|liger`.
 
 `apply_kernels(model, "ragft")` rebinds `forward` on the model's own module instances, never on the
 transformers classes, so other models in the same process (a reference in a test, an eval model) stay
 as they are:
 
-- every LlamaRMSNorm -> ragft.kernels.rms_norm;
-- every LlamaMLP (SiLU) -> its projections around ragft.kernels.swiglu;
-- every LlamaAttention -> RoPE through ragft.kernels.rope (transformers calls the module-level
+- every LlamaRMSNorm -> ragft_kernels.rms_norm;
+- every LlamaMLP (SiLU) -> its projections around ragft_kernels.swiglu;
+- every LlamaAttention -> RoPE through ragft_kernels.rope (transformers calls the module-level
   `apply_rotary_pos_emb`; it is replaced once by a function that takes ragft's path only inside a
   patched attention's forward, and transformers' own elsewhere);
 - the LM head (a plain nn.Linear) -> a `FusedLossHead`: while `ragft.train.loss` holds targets in it, the
-  head returns the fused linear + cross-entropy loss instead of logits (ragft.kernels.linear_ce);
+  head returns the fused linear + cross-entropy loss instead of logits (ragft_kernels.linear_ce);
 - PEFT's LoRA layers, once `ragft.model.build` has wrapped the model -> LoRA dropout replayed in the
   backward instead of kept (ragft.kernels.lora).
 
@@ -26,10 +26,10 @@ import types
 
 import torch
 
-from ragft.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy
-from ragft.kernels.rms_norm import rms_norm_forward
-from ragft.kernels.rope import rope
-from ragft.kernels.swiglu import mlp_forward
+from ragft_kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy
+from ragft_kernels.rms_norm import rms_norm_forward
+from ragft_kernels.rope import rope
+from ragft_kernels.swiglu import mlp_forward
 
 KERNELS = ("none", "ragft", "liger")
 LLAMA_MODEL_TYPES = ("llama",)  # SmolLM2, Llama 2/3 and the tiny model are all this

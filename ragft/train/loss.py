@@ -12,7 +12,7 @@ positions shared by the whole batch, so there the model computes the union of th
 positions and the other rows' entries at those positions are ignored.
 
 With `model.kernels=ragft` the LM head of the model is a `ragft.kernels.llama.FusedLossHead`: given the
-targets, it returns the loss computed chunk by chunk (ragft.kernels.linear_ce), so even the labelled
+targets, it returns the loss computed chunk by chunk (ragft_kernels.linear_ce), so even the labelled
 positions' logits never exist all at once. With `model.kernels=liger`, Liger-Kernel's patched forward
 computes its own fused loss from `labels`.
 """

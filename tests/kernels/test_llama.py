@@ -93,8 +93,7 @@ def test_validation_refuses_what_cannot_run_here(compose_train):
     if not torch.cuda.is_available():
         assert "model.kernels=liger needs a CUDA GPU" in text
     assert "not supported with ZeRO-3" in text
-    with pytest.raises(ConfigError, match="is not one of none, ragft, liger"):
-        validate_train(compose_train("model.kernels=unsloth"))
+    # An unknown name never gets here: compose refuses it (tests/config/test_defaults.py).
 
 
 def _local_losses(runs: dict) -> dict:

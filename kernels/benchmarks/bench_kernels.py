@@ -1,4 +1,4 @@
-"""Benchmark: each of ragft's kernels (ragft.kernels) against its torch reference, forward + backward.
+"""Benchmark: each kernel of ragft_kernels against its torch reference, forward + backward.
 
 Per kernel: milliseconds per forward + backward (median), the bytes autograd keeps for the backward pass
 (counted through saved-tensor hooks, so the same figure on any device), and on CUDA the peak memory
@@ -8,7 +8,7 @@ reference and, with --csv, writes the rows.
 Which path runs is the kernels' own choice: Triton on CUDA, the torch path on CPU tensors (the Triton
 interpreter is for tests, never for timing).
 
-    python launch/bench_kernels.py [--device cuda] [--dtype bf16] [--shapes smollm2|llama1b|tiny] [--reps 5]
+    python kernels/benchmarks/bench_kernels.py [--device cuda] [--dtype bf16] [--shapes smollm2|llama1b|tiny] [--reps 5]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from ragft.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
-from ragft.kernels.rms_norm import rms_norm, rms_norm_reference
-from ragft.kernels.rope import rope, rope_reference
-from ragft.kernels.swiglu import swiglu, swiglu_reference
+from ragft_kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
+from ragft_kernels.rms_norm import rms_norm, rms_norm_reference
+from ragft_kernels.rope import rope, rope_reference
+from ragft_kernels.swiglu import swiglu, swiglu_reference
 
 # tokens per micro-batch, hidden, intermediate, heads, head dim, vocabulary
 SHAPES = {

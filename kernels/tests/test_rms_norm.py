@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kernels import assert_close
+from kernel_testing import assert_close
 
-from ragft.kernels.rms_norm import rms_norm, rms_norm_reference
+from ragft_kernels.rms_norm import rms_norm, rms_norm_reference
 
 SHAPES = [(1, 1, 8), (2, 5, 37), (3, 7, 130)]
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ragft.kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
+from ragft_kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
 
 IGNORE_INDEX = -100
 
@@ -164,6 +164,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The torch reference: the whole logits matrix, then `F.cross_entropy` in fp32 (as ragft.train.loss)."""
+    """The torch reference: the whole logits matrix, then `F.cross_entropy` in fp32, as a causal-LM loss does."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
     return torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=ignore_index)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kernels import assert_close
+from kernel_testing import assert_close
 
-from ragft.kernels.linear_ce import (IGNORE_INDEX, MIN_CHUNK_ELEMENTS, chunk_rows, linear_cross_entropy,
+from ragft_kernels.linear_ce import (IGNORE_INDEX, MIN_CHUNK_ELEMENTS, chunk_rows, linear_cross_entropy,
                                      linear_cross_entropy_reference)
 
 # rows, hidden, vocab: none a multiple of a block; one row; a vocabulary larger than the interpreter's block

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kernels import assert_close
+from kernel_testing import assert_close
 
-from ragft.kernels.swiglu import BLOCK, swiglu, swiglu_reference
+from ragft_kernels.swiglu import BLOCK, swiglu, swiglu_reference
 
 SHAPES = [(1, 1, 3), (2, 3, 130), (1, 1, BLOCK + 7)]  # the last one spans two blocks, the second short
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ragft.kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
+from ragft_kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
 
 
 @kernel
@@ -132,5 +132,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm_forward(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A drop-in `forward` for a LlamaRMSNorm instance (bound by ragft.kernels.llama)."""
+    """A drop-in `forward` for a LlamaRMSNorm instance (any module with `weight` and `variance_epsilon`):
+    `module.forward = types.MethodType(rms_norm_forward, module)`."""
     return rms_norm(hidden_states, module.weight, module.variance_epsilon)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ragft.kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
+from ragft_kernels.runtime import kernel, next_power_of_2, tl, triton_runs_on
 
 
 @kernel

@@ -1,11 +1,12 @@
 """Where a Triton kernel can run, and Triton as an optional import.
 
-ragft imports and trains without Triton: every kernel has a torch path. A Triton kernel runs on CUDA
+The kernels import and run without Triton: every kernel has a torch path. A Triton kernel runs on CUDA
 tensors, or on CPU tensors under Triton's interpreter (for correctness tests only: it is slow). The
 interpreter needs `TRITON_INTERPRET=1` set before Triton itself is imported (transformers' Llama module
 imports it), because Triton's own library functions (`tl.sum`, `tl.sigmoid`) are built in one mode then;
-tests/conftest.py imports Triton that way first thing. With Triton imported so, `TRITON_INTERPRET` unset
-or 0 sends CPU tensors back to the torch paths, which is how the tests run both paths in one process.
+the test suites' conftest.py files import Triton that way first thing. With Triton imported so,
+`TRITON_INTERPRET` unset or 0 sends CPU tensors back to the torch paths, which is how the tests run both
+paths in one process.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kernels import assert_close
+from kernel_testing import assert_close
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ragft.kernels.rope import rope, rope_reference
+from ragft_kernels.rope import rope, rope_reference
 
 
 def cos_sin(batch, seq, dim, dtype, per_row):

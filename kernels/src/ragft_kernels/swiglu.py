@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ragft.kernels.runtime import kernel, tl, triton_runs_on
+from ragft_kernels.runtime import kernel, tl, triton_runs_on
 
 BLOCK = 1024
 
@@ -97,5 +97,6 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """A drop-in `forward` for a LlamaMLP instance with SiLU activation (bound by ragft.kernels.llama)."""
+    """A drop-in `forward` for a LlamaMLP instance with SiLU activation (any module with
+    `gate_proj`, `up_proj` and `down_proj`): `module.forward = types.MethodType(mlp_forward, module)`."""
     return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
