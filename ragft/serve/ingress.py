@@ -10,9 +10,10 @@ engine request per choice → answers with `citations` beside `choices`.
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
 POST /v1/index/documents and DELETE /v1/index/documents/{id} (admin key).
 
-The module is longer than most on purpose: it is one deployment class whose routes share its handles,
-tokenizer, keys and stopping state, and a request's whole path (check, retrieve, prompt, generate,
-answer) reads top to bottom here. Request parsing and response shapes live in ragft.serve.protocol.
+Here are the deployment, its routes, the frame they run in and the steps they share (limits, retrieval,
+generation); what belongs to one concern lives beside it: /v1/completions' limits and prompts in
+ragft.serve.completions, the answers' logprobs in ragft.serve.logprobs, `stream=true` in ragft.serve.streaming,
+request parsing and response shapes in ragft.serve.protocol.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
@@ -20,7 +21,7 @@ answer) reads top to bottom here. Request parsing and response shapes live in ra
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -30,17 +31,18 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragft.data.rows import BadRowError
-from ragft.data.tokenize import text_prompt_ids
-from ragft.index.documents import parse_document
-from ragft.rag import citations, prompt_ids, query_of, with_context
-from ragft.serve.protocol import (
-    INT64, APIError, ChatRequest, CompletionRequest, RagOptions, bad_request, chat_chunk, chat_logprobs, chat_response,
-    completion_chunk, completion_logprobs, completion_response, decode_json, new_id, openapi_body,
-    openapi_components, parse, sse, usage,
-)
 from ragft.generate.engine import GenerationRequest, SamplingParams
+from ragft.index.documents import parse_document
+from ragft.rag import citations, prompt_ids, query_of
+from ragft.serve.completions import check_prompt_count, check_retrievable, prompt_inputs, prompt_summary
+from ragft.serve.logprobs import choices_logprobs
 from ragft.serve.observe import Observer, RequestRecord, log
+from ragft.serve.protocol import (
+    INT64, APIError, ChatRequest, CompletionRequest, RagOptions, bad_request, chat_response, completion_response,
+    decode_json, new_id, openapi_body, openapi_components, parse, usage,
+)
 from ragft.serve.spec import ServeSpec
+from ragft.serve.streaming import stream_events
 
 app = FastAPI(title="ragft", docs_url=None, redoc_url=None)  # /openapi.json: the schema clients and fuzzers read
 MAX_DOCUMENTS_PER_REQUEST = 10_000
@@ -216,49 +218,18 @@ class Ingress:
         stop = req.stop_strings()
         self._check_request(req, req.max_tokens, zero_ok=req.echo)
         prompts = req.prompts()
-        if len(prompts) > self.config.max_prompts:
-            raise bad_request(f"prompt: at most serve.max_prompts={self.config.max_prompts} prompts per request, got "
-                                f"{len(prompts)}", "prompt")
-        if len(prompts) * req.n > self.config.max_sequences:
-            raise bad_request(f"n: {len(prompts)} prompts × n={req.n} is {len(prompts) * req.n} sequences; at most "
-                              f"serve.max_sequences={self.config.max_sequences} per request", "n")
+        check_prompt_count(req, prompts, self.config)
         self._check_chars(sum(len(p) for p in prompts), "prompt")
         enabled, k, mode = self._rag(req.rag, self.config.rag.completions)
         if enabled:
-            self._check_retrievable(req, prompts)
-        hits, version = [], None
-        inputs, echoes = [], []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                if enabled and prompt.strip():
-                    hits, version = await self._search(prompt, k, mode, rec)
-                ids = await self._tokenize(text_prompt_ids, self.tokenizer, with_context(prompt, hits, self.config.rag))
-                text = prompt
-            else:
-                if max(prompt) >= len(self.tokenizer):
-                    raise bad_request(f"prompt: token ids must be below the vocabulary size {len(self.tokenizer)}",
-                                        "prompt")
-                ids, text = list(prompt), self.tokenizer.decode(prompt)
-            if not ids:
-                raise bad_request("prompt: the prompt is empty (this model's tokenizer adds no start token)",
-                                    "prompt")
-            inputs.append(ids)
-            echoes.append(text if req.echo else "")
+            check_retrievable(req, prompts)
+        search = (lambda query: self._search(query, k, mode, rec)) if enabled else None
+        inputs, echoes, hits, version = await prompt_inputs(prompts, req.echo, self.tokenizer, self.config.rag, search,
+                                                            self._tokenize)
         if self.config.log_prompts:
-            rec.prompt = " | ".join(t if isinstance(t, str) else f"<{len(t)} token ids>" for t in prompts)
+            rec.prompt = prompt_summary(prompts)
         return await self._generate("completions", rec, model, inputs, req, req.max_tokens, stop, hits, version,
                                     "prompt", echoes=echoes, top_logprobs=req.logprobs)
-
-    def _check_retrievable(self, req: CompletionRequest, prompts: list) -> None:
-        """Retrieval puts context before one text prompt and cites it: what else a request asks for must fit that."""
-        off = "; send rag: {\"enabled\": false}"
-        if len(prompts) > 1:
-            raise bad_request(f"rag: retrieval serves one prompt per request, got {len(prompts)}{off}", "rag")
-        if not isinstance(prompts[0], str):
-            raise bad_request(f"rag: token-id prompts are scored as sent, without retrieved context{off}", "rag")
-        if req.echo and req.logprobs is not None:
-            raise bad_request(f"rag: echo with logprobs scores the prompt as sent, without retrieved context{off}",
-                                "rag")
 
     async def _upsert(self, request: Request, rec: RequestRecord) -> Response:
         self._need_index()
@@ -403,8 +374,8 @@ class Ingress:
             rec.stream = True
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             echo = [echoes[i] for i in range(len(inputs)) for _ in range(req.n)]
-            return StreamingResponse(self._stream(kind, rec, model, jobs, extra, include_usage, echo),
-                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            events = stream_events(self.generator, self.observer, kind, rec, model, jobs, extra, include_usage, echo)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         if requested == 0:  # echo alone: the prompt's logprobs, no completion
             items = [{"text": "", "token_ids": [], "finish_reason": "length", "completion_tokens": 0,
                       "generation_s": 0.0} for _ in jobs]
@@ -417,107 +388,14 @@ class Ingress:
             rec.completion_tokens += item["completion_tokens"]
             rec.generation_s = max(rec.generation_s, item["generation_s"])
         if top_logprobs is not None:
-            # Choices with the same prompt and completion (every choice of an echo with max_tokens=0, greedy n > 1)
-            # are scored once.
-            scoring: dict[tuple, asyncio.Task] = {}
-            for index, item in enumerate(items):
-                key = (index // req.n, tuple(item["token_ids"]))
-                if key not in scoring:
-                    scoring[key] = asyncio.ensure_future(self._logprobs(
-                        kind, model, inputs[index // req.n], item["token_ids"], top_logprobs,
-                        echo=getattr(req, "echo", False)))
-            scored = await asyncio.gather(*(scoring[(index // req.n, tuple(item["token_ids"]))]
-                                            for index, item in enumerate(items)))
+            scored = await choices_logprobs(self.generator, self.tokenizer, kind, model, inputs, items, req.n,
+                                            top_logprobs, echo=getattr(req, "echo", False))
             for choice, logprobs in zip(choices, scored):
                 choice["logprobs"] = logprobs
         build = chat_response if kind == "chat" else completion_response
         body = build(rec.id, model, choices, usage(rec.prompt_tokens, rec.completion_tokens), extra)
         timing = f"retrieval;dur={rec.retrieval_s * 1000:.2f}, generation;dur={rec.generation_s * 1000:.2f}"
         return JSONResponse(body, headers={"server-timing": timing})
-
-    async def _logprobs(self, kind: str, model: str, prompt: list[int], completion: list[int], top_k: int,
-                        echo: bool) -> dict:
-        """A choice's `logprobs` object: for its completion's tokens, and its prompt's too when echoed (the
-        first prompt token, which nothing predicts, gets null, as in OpenAI's and vLLM's answers)."""
-        sequence = list(prompt) + list(completion)
-        start = 1 if echo else len(prompt)
-        try:
-            scored = await self.generator.token_logprobs.remote(model, sequence, start, top_k)
-        except NotImplementedError as err:  # an engine that cannot score here (vLLM 0.32 with adapters loaded)
-            cause = getattr(err, "cause", err)  # Ray's wrapper is the cause's type; its text carries a traceback
-            raise bad_request(f"logprobs: {cause}", "logprobs", "unsupported_parameter") from None
-        text = self._token_text
-        if kind == "chat":
-            return chat_logprobs([(text(t.token_id), t.logprob, [(text(i), lp) for i, lp in t.top])
-                                    for t in scored])
-        entries = [(text(sequence[0]), None, None)] if echo else []
-        entries += [(text(t.token_id), t.logprob, {text(i): lp for i, lp in t.top}) for t in scored]
-        return completion_logprobs(entries)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    async def _stream(self, kind: str, rec: RequestRecord, model: str, jobs: list[GenerationRequest], extra: dict,
-                      include_usage: bool, echo: list[str]) -> AsyncIterator[str]:
-        created, left = int(time.time()), len(jobs)
-
-        def chunk(index: int, text: Optional[str], finish: Optional[str], role: bool = False) -> dict:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                return chat_chunk(rec.id, model, created, index, delta, finish)
-            return completion_chunk(rec.id, model, created, index, text or "", finish)
-
-        try:
-            for j in range(len(jobs)):
-                yield sse(chunk(j, echo[j] or None, None, role=kind == "chat"))
-            async for index, item in self._streams(jobs):
-                if item["text"]:
-                    yield sse(chunk(index, item["text"], None))
-                if item["finish_reason"] is not None:
-                    left -= 1
-                    rec.completion_tokens += item["completion_tokens"]
-                    rec.generation_s = max(rec.generation_s, item["generation_s"])
-                    final = chunk(index, None, item["finish_reason"])
-                    yield sse({**final, **extra} if left == 0 else final)  # citations ride on the last chunk
-            if include_usage:
-                yield sse({"id": rec.id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                             "created": created, "model": model, "choices": [],
-                             "usage": usage(rec.prompt_tokens, rec.completion_tokens)})
-            yield sse("[DONE]")
-        except Exception as err:  # headers are gone: the error travels as an event, as OpenAI's API does
-            log.exception("stream %s failed", rec.id)
-            rec.status, rec.error = 500, "internal_error"
-            yield sse(APIError(500, f"generation failed ({type(err).__name__}); request id {rec.id}",
-                                   "server_error", code="internal_error").body())
-        finally:
-            self.observer.record(rec)
-
-    async def _streams(self, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, dict]]:
-        """(choice index, item) from every job's TextGenerator stream, interleaved as they arrive."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, job: GenerationRequest) -> None:
-            try:
-                async for item in self.generator.options(stream=True).stream.remote(job):
-                    await queue.put((index, item))
-            except Exception as err:
-                await queue.put((index, err))
-            await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(j, job)) for j, job in enumerate(jobs)]
-        try:
-            done = 0
-            while done < len(jobs):
-                index, item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
 
 
 def check_open_request(request: Request) -> None:
