@@ -60,14 +60,30 @@ class ServeSpec:
 
 
 def validate_serve(cfg: DictConfig) -> ServeSpec:
+    """The serve spec of a composed conf/serve.yaml, or ConfigError listing every problem at once."""
     job: ServeJobConfig = typed_job_config(cfg)
     s = job.serve
-    problems: list[str] = []
+    models, base_path, problems = _served_models(job)
+    index_path, found = _index_path(job)
+    problems += found
+    keys, found = load_keys(keys_file=s.api_keys_file)
+    problems += found + _network_problems(s, keys) + _limit_problems(s, models) + _cluster_problems(job)
+    if problems:
+        raise ConfigError(problems)
+    main_id = next(m.id for m in models if m.kind != "base") if any(m.kind != "base" for m in models) else models[0].id
+    return ServeSpec(
+        base_path=base_path, models=tuple(models), default_model=main_id, index_path=index_path, index=job.index,
+        retrieval=job.retrieval, serve=s, cluster=job.cluster, keys=keys,
+        out_dir=str(Path(job.out_dir).expanduser().resolve()),
+        resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
-    # --- models
+
+def _served_models(job: ServeJobConfig) -> tuple[list[ServedModel], str | None, list[str]]:
+    """The checkpoint, the base beside it and the extra adapters, as (models, base model path, problems)."""
+    s, problems = job.serve, []
     models, base_path = [], None
     checkpoint, found = resolve_checkpoint(job.checkpoint, job.train_runs_dir, job.registry.path,
-                                        job.registry.best_metric, job.registry.best_mode)
+                                           job.registry.best_metric, job.registry.best_mode)
     problems += found
     if checkpoint is not None:
         main, base_path, found = describe(checkpoint, s.name)
@@ -103,9 +119,12 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
                         f"(serve.name, serve.base_name, serve.adapters, serve.adapters_dir)")
     if base_path and any(m.kind == "lora" for m in models):
         problems += _check_same_base(base_path, [m for m in models if m.kind == "lora"])
+    return models, base_path, problems
 
-    # --- index and retrieval
-    index_path = None
+
+def _index_path(job: ServeJobConfig) -> tuple[str | None, list[str]]:
+    """The index to serve (None: no retrieval) and the problems with it and the retrieval settings."""
+    s, problems, index_path = job.serve, [], None
     if job.index.path is not None:
         index_path = str(Path(job.index.path).expanduser().resolve())
         if not is_index(index_path):
@@ -118,17 +137,22 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     problems += check_templates(s.rag)
     if not 1 <= s.rag.k <= s.rag.max_k:
         problems.append(f"serve.rag.k={s.rag.k} must be between 1 and serve.rag.max_k={s.rag.max_k}")
+    return index_path, problems
 
-    # --- network and keys
-    keys, found = load_keys(keys_file=s.api_keys_file)
-    problems += found
+
+def _network_problems(s: ServeConfig, keys) -> list[str]:
+    problems = []
     if not is_loopback(s.host) and not keys.configured:
         problems.append(f"serve.host={s.host} is reachable from other machines but no API key is configured: "
                         f"set RAGFT_API_KEYS (and RAGFT_ADMIN_KEY for index updates) or serve.api_keys_file")
     if not 1 <= s.port <= 65535:
         problems.append(f"serve.port={s.port} must be between 1 and 65535")
+    return problems
 
-    # --- limits and resources
+
+def _limit_problems(s: ServeConfig, models: list[ServedModel]) -> list[str]:
+    """Request limits, batching, replicas and the engine."""
+    problems = []
     if not 1 <= s.default_max_tokens <= s.max_tokens_limit:
         problems.append(f"serve.default_max_tokens={s.default_max_tokens} must be between 1 and "
                         f"serve.max_tokens_limit={s.max_tokens_limit}")
@@ -156,25 +180,19 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         problems += _check_vllm(s, models)
     if s.device == "cuda" and s.generator.num_gpus <= 0:
         problems.append("serve.device=cuda needs serve.generator.num_gpus > 0 (Ray hides GPUs from actors without)")
+    return problems
 
-    # --- cluster
-    c = job.cluster
+
+def _cluster_problems(job: ServeJobConfig) -> list[str]:
+    c, problems = job.cluster, []
     if c.name not in ("local", "ray"):
         problems.append(f"cluster={c.name}: ragft serve runs on cluster=local or cluster=ray")
     if c.name == "ray" and not c.address:
         problems.append("cluster=ray needs cluster.address (ray://host:10001, host:6379 or auto)")
-    if s.detach and c.name != "ray":
+    if job.serve.detach and c.name != "ray":
         problems.append("serve.detach=true needs a Ray cluster that outlives this command: cluster=ray "
                         "cluster.address=... (the embedded local Ray stops when ragft serve exits)")
-
-    if problems:
-        raise ConfigError(problems)
-    main_id = next(m.id for m in models if m.kind != "base") if any(m.kind != "base" for m in models) else models[0].id
-    return ServeSpec(
-        base_path=base_path, models=tuple(models), default_model=main_id, index_path=index_path, index=job.index,
-        retrieval=job.retrieval, serve=s, cluster=c, keys=keys,
-        out_dir=str(Path(job.out_dir).expanduser().resolve()),
-        resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return problems
 
 
 def extra_adapters(s: ServeConfig) -> bool:
