@@ -5,7 +5,7 @@
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
   ragft eval   → ragft.eval.spec.validate_eval → ragft.eval.run.run_eval → report.{json,md,png} + registry
-  ragft data raft → ragft.data.raft_job.validate_raft → run_raft → RAFT chat rows (JSONL)
+  ragft data raft → ragft.raft.job.validate_raft → run_raft → RAFT chat rows (JSONL)
   ragft demo   → ragft.demo.run_demo: train → index → RAFT → eval on the original and the updated corpus
   ragft registry list [registry.path=...] → ragft.registry.table
 Exit codes (ragft/exit_codes.py): 0 done; 2 bad config or bad input (nothing started); 1 the job failed;
@@ -111,7 +111,7 @@ def eval_(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="raft")
 def data_raft(cfg: DictConfig) -> None:
     def body() -> None:
-        from ragft.data.raft_job import run_raft, validate_raft
+        from ragft.raft.job import run_raft, validate_raft
 
         run_raft(validate_raft(cfg))
 

@@ -39,7 +39,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     def stage(n: int, what: str) -> None:
         progress(f"\n=== ragft demo [{n}/{stages}] {what} (+{time.time() - started:.0f} s)")
 
-    from ragft.data.raft_job import run_raft, validate_raft
+    from ragft.raft.job import run_raft, validate_raft
     from ragft.config.spec import validate_train
     from ragft.eval.run import run_eval
     from ragft.eval.spec import validate_eval

@@ -1,4 +1,4 @@
-"""RAFT rows (ragft.data.raft) built from the shipped training questions and the real sample index."""
+"""RAFT rows (ragft.raft.build) built from the shipped training questions and the real sample index."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ragft.config.schema import RaftConfig, RagConfig
-from ragft.data.raft import FreshValues, answer_shape, build_raft, gold_chunks, write_raft
+from ragft.raft.build import FreshValues, answer_shape, build_raft, gold_chunks, write_raft
 from ragft.data.rows import parse_row
 from ragft.eval.questions import read_questions
 from ragft.index.index import Index

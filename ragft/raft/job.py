@@ -1,4 +1,4 @@
-"""`ragft data raft`: the config checked (every problem at once), then RAFT rows written (ragft.data.raft)."""
+"""`ragft data raft`: the config checked (every problem at once), then RAFT rows written (ragft.raft.build)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
 
 
 def run_raft(spec: RaftSpec, progress=print) -> dict:
-    from ragft.data.raft import build_raft, write_raft
+    from ragft.raft.build import build_raft, write_raft
     from ragft.eval.questions import read_questions
     from ragft.index.index import Index
 
