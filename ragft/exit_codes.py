@@ -1,7 +1,7 @@
 """Exit codes of the ragft commands, and the one place that maps what a command raises to them.
 
-0 done; 2 bad config or bad input (nothing was started); 1 the job failed; 130 interrupted (or any
-`exit_code` an exception carries, e.g. train's Interrupted with its resume command).
+0 done; 2 bad config or bad input (an `InputError`: nothing was started); 1 the job failed; 130 interrupted
+(or any `exit_code` an exception carries, e.g. train's Interrupted with its resume command).
 """
 
 from __future__ import annotations
@@ -9,22 +9,16 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from ragft.errors import InputError
+
 
 def run_command(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> int:
     """Run a command body; its exit code, with one message on stderr for what it raised."""
-    from ragft.config.spec import ConfigError
-    from ragft.data.rows import BadRowError
-    from ragft.data.tokenize import ChatTemplateError
-
     try:
         body()
-    except ConfigError as err:
-        print(f"ragft {command}: the config has {len(err.problems)} problem(s); nothing was started:\n{err}",
-              file=sys.stderr)
-        return 2
-    except (BadRowError, ChatTemplateError) as err:
-        print(f"ragft {command}: bad input, nothing was started:\n  {err}{bad_input_hint}", file=sys.stderr)
-        return 2
+    except InputError as err:
+        print(err.message(command, bad_input_hint), file=sys.stderr)
+        return err.exit_code
     except Exception as err:
         code = getattr(err, "exit_code", 1)
         print(f"ragft {command}: {err}" if code != 1 else f"ragft {command}: the job failed: {err}\n  logs: {logs}",

@@ -85,7 +85,7 @@ PINNED = {"ft_unchanged_em": 0.80, "ft_changed_stale": 0.80, "ft_rag_changed_em"
 
 def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
     from ragft.config.compose import compose_config
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
     from ragft.demo import run_demo
 
     cfg = compose_config("demo", ["model=tiny", f"out_dir={tmp_path}", "train=['train.no_such_key=1']",
@@ -98,7 +98,7 @@ def test_bad_stage_overrides_fail_before_anything_runs(tmp_path):
 
 def test_a_model_without_a_recipe_is_refused_before_anything_runs(tmp_path):
     from ragft.config.compose import compose_config
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
     from ragft.demo import run_demo
 
     with pytest.raises(ConfigError, match="recipes for smollm2, tiny"):

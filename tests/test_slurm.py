@@ -16,7 +16,8 @@ import pytest
 from helpers.net import free_port
 from helpers.slurm import job_state, start_local_slurm, wait_until
 from helpers.wandb_offline import read_offline_run
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
+from ragft.errors import ConfigError
 from ragft.slurm import render, time_minutes
 
 CPU_SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.use_gpu=false", "cluster.num_workers=2",

@@ -30,15 +30,8 @@ from ragft.config.schema import (
     TrainJobConfig,
 )
 from ragft.config.schema.choices import plain_choices
+from ragft.errors import ConfigError
 from ragft.model.precision import cpu_has_bf16, cuda_has_bf16
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, reported together."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)

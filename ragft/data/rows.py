@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
+from ragft.errors import BadDataError
+
 T = TypeVar("T")
 
 FORMATS = ("auto", "jsonl", "hf", "parquet")
@@ -22,7 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 HF_MARKERS = ("dataset_info.json", "state.json")
 
 
-class BadRowError(ValueError):
+class BadRowError(BadDataError):
     """One row that is not valid training data, located by file and 1-based line (row index + 1 for
     parquet and datasets folders). `line` is None for problems of the whole file, e.g. no rows."""
 

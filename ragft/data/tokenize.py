@@ -14,13 +14,14 @@ from typing import Sequence
 import jinja2
 
 from ragft.data.rows import BadRowError, Example
+from ragft.errors import BadDataError
 
 IGNORE_INDEX = -100  # label of a token with no loss (PyTorch cross_entropy's default ignore_index)
 
 Span = tuple[int, int]  # [start, end) in characters
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(BadDataError):
     """The tokenizer's chat template cannot support an assistant-only loss mask.
 
     A configuration problem (the same for every row), so it is never skipped as a bad row."""

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ragft.config.spec import ConfigError
+from ragft.errors import ConfigError
 from ragft.index import store, tables, versions
 from ragft.index.chunking import Chunker, hf_token_offsets, passage
 from ragft.index.documents import Document, read_documents

@@ -20,15 +20,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ragft.errors import MissingPackageError
+
 log = logging.getLogger(__name__)
 
 MARKER = "ragft_gguf.json"  # written last: a folder without it is an interrupted conversion
-
-
-class MissingPackageError(FileNotFoundError):
-    """A model file's PyPI package is not installed: a bad config (exit 2), fixed by the command it names."""
-
-    exit_code = 2
 
 
 def package_file(package: str, relative: str) -> str:

@@ -29,11 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ragft.errors import InputError
 from ragft.serve.haproxy import own_folder, processes_using, stop_all
 
 
-class PortInUse(RuntimeError):
-    exit_code = 2  # bad input to the command, like a bad config: one line, nothing started
+class PortInUse(InputError, RuntimeError):
+    """The port the command should listen on is held by another process: one line, nothing started."""
 
 
 class UnsafeRecords(RuntimeError):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ragft.cluster import init_ray
+from ragft.errors import InputError
 from ragft.net import is_loopback
 from ragft.serve import leftovers
 from ragft.serve.haproxy import SIDE_HOST, Private, running
@@ -108,8 +109,8 @@ def _start(spec: ServeSpec, context_length: int, stop: threading.Event, haproxy:
     return info
 
 
-class ServeElsewhere(RuntimeError):
-    exit_code = 2  # a request the running Serve cannot meet: nothing of this command's was deployed
+class ServeElsewhere(InputError, RuntimeError):
+    """A request the running Serve cannot meet: nothing of this command's was deployed."""
 
 
 def serve_http_options() -> tuple[str, int]:

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragft.checkpoints import ADAPTER_CONFIG, MANIFEST, ServedModel, describe, resolve_checkpoint
 from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
-from ragft.config.spec import ConfigError, typed_job_config
+from ragft.config.spec import typed_job_config
+from ragft.errors import ConfigError
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index
 from ragft.net import is_loopback

@@ -28,7 +28,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from ragft.config.schema import SweepConfig
-from ragft.config.spec import ConfigError, TrainSpec, validate_train
+from ragft.config.spec import TrainSpec, validate_train
+from ragft.errors import ConfigError
 from ragft.sweep.report import STATUS_FILE
 from ragft.train.loop import STOP_FILE
 

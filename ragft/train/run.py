@@ -15,7 +15,8 @@ from typing import Sequence
 from ragft import registry
 from ragft.checkpoints import MANIFEST, best_by_eval_loss, complete_checkpoints
 from ragft.cluster import init_ray
-from ragft.config.spec import ConfigError, DataPlan, TrainSpec, spec_summary
+from ragft.config.spec import DataPlan, TrainSpec, spec_summary
+from ragft.errors import ConfigError
 from ragft.jsonl import read_records
 from ragft.signals import on_stop_signal
 from ragft.train.loop import STOP_FILE

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
+from ragft.errors import ConfigError
 from ragft.model.precision import cpu_has_bf16
 
 GROUPS = {

@@ -18,7 +18,7 @@ import torch
 
 from ragft import registry
 from ragft.config.compose import compose_config
-from ragft.config.spec import ConfigError
+from ragft.errors import ConfigError
 from ragft.eval import metrics as m
 from ragft.eval.run import run_eval
 from ragft.eval.spec import validate_eval

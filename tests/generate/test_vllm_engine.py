@@ -297,7 +297,7 @@ def test_full_fine_tune_next_to_the_base_is_refused_before_loading(serve_models)
 
 def test_serve_config_refuses_a_full_fine_tune_beside_other_models(serve_models, tmp_path):
     from ragft.config.compose import compose_config
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
     from ragft.serve.spec import validate_serve
 
     full = tmp_path / "full"

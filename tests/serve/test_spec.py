@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from ragft.config.spec import ConfigError
+from ragft.errors import ConfigError
 from ragft.serve.keys import ADMIN_KEY_ENV, API_KEYS_ENV, digest, load_keys
 from ragft.serve.spec import validate_serve
 

@@ -108,7 +108,7 @@ def test_eval_with_vllm_answers_as_with_transformers(ray_cluster, serve_models, 
     """The same questions, prompts and greedy answers whichever engine `ragft eval` runs (tiny model, fp32: exact;
     in bf16 the two engines' kernels round differently)."""
     from ragft.config.compose import compose_config
-    from ragft.config.spec import ConfigError
+    from ragft.errors import ConfigError
     from ragft.eval.run import run_eval
     from ragft.eval.spec import validate_eval
 

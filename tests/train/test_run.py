@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ragft.config.spec import ConfigError, validate_train
+from ragft.config.spec import validate_train
+from ragft.errors import ConfigError
 from ragft.sample import sample_path
 from ragft.train.run import prepare_data, prepare_model
 
