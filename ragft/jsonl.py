@@ -1,5 +1,10 @@
 """JSON Lines files: the one writer every ragft artifact of that format goes through (sample data, RAFT
-rows, index tables, metrics, the registry). UTF-8, one object per line, non-ASCII text kept as is.
+rows, index tables, metrics, the registry), and the two readers. UTF-8, one object per line, non-ASCII
+text kept as is.
+
+Input rows (training data, documents, questions, an index's tables) are read strictly (`jsonl_rows`,
+`read_rows`, `collect_rows`): a line that is not what it should be is a `BadRowError` naming its file and
+line, and the caller either stops on the first one or skips and counts them all (`on_bad_row`).
 
 Files that grow while a job runs (metrics, the registry) can end in a torn line when a node dies or a disk
 fills mid-write. Readers of those (`read_records`) skip what does not parse and say so, appends start on a
@@ -12,7 +17,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+from ragft.errors import BadDataError
+
+T = TypeVar("T")
+
+ON_BAD_ROW = ("error", "skip")
+JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def line(obj: dict, **dumps_kwargs) -> str:
@@ -89,3 +101,97 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], lock: bool = False, **d
         for row in rows:
             f.write(line(row, **dumps_kwargs))
         f.flush()
+
+
+# --- input rows: strict, every problem located by file and line ---
+
+
+class BadRowError(BadDataError):
+    """One input row that is not what its file should hold, located by file and 1-based line (row index + 1
+    for parquet and datasets folders). `line` is None for problems of the whole file, e.g. no rows."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.reason}"
+
+    def __reduce__(self):  # keep the attributes when pickled across processes (Ray)
+        return (type(self), (self.path, self.line, self.reason))
+
+    @classmethod
+    def at(cls, origin: str, reason: str) -> BadRowError:
+        """The error for a row known by its origin ("path:line")."""
+        path, _, line = origin.rpartition(":")
+        return cls(path, int(line), reason)
+
+
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """("path:line", decoded value) per non-blank line, or ("path:line", BadRowError) for one that is not JSON."""
+    # Bytes, decoded per line, so one line of broken UTF-8 is one bad row rather than a crash.
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            origin = f"{path}:{number}"
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield origin, BadRowError.at(origin, f"not UTF-8 text: {err.reason} at byte {err.start}")
+                continue
+            if not text.strip():  # blank lines (a trailing newline, spacing) are not rows
+                continue
+            try:
+                yield origin, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield origin, BadRowError.at(origin, f"invalid JSON: {err.msg} at column {err.colno}")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Every object of the JSONL file `path`, in order; the first line that is not a JSON object raises
+    `BadRowError` naming it. For files whose rows need no further checks (an index's own tables)."""
+    return collect_rows(jsonl_rows(path), json_object, "error", str(path), "rows", allow_empty=True)[0]
+
+
+def json_object(row: Any, origin: str) -> dict:
+    """`row` when it is a JSON object, else the BadRowError saying what it is instead."""
+    if not isinstance(row, dict):
+        raise BadRowError.at(origin, f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def collect_rows(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str], T], on_bad_row: str, source: str,
+                 what: str, key: Optional[Callable[[T], str]] = None, key_name: str = "id",
+                 allow_empty: bool = False) -> tuple[list[T], list[BadRowError]]:
+    """Parse each (origin, row) of `source`; a bad row raises (on_bad_row="error") or is collected ("skip").
+
+    A row the source could not decode arrives as a BadRowError. With `key`, a row repeating an earlier
+    row's key is bad too (naming the first): keeping either copy silently would hide a mistake.
+    A source without a single good row is an error either way, unless `allow_empty`.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    parsed: list[T] = []
+    skipped: list[BadRowError] = []
+    first_seen: dict[str, str] = {}
+    for origin, row in rows:
+        try:
+            if isinstance(row, BadRowError):
+                raise row
+            item = parse(row, origin)
+            if key is not None:
+                k = key(item)
+                if k in first_seen:
+                    raise BadRowError.at(origin, f"duplicate {key_name} {k!r} (first at {first_seen[k]})")
+                first_seen[k] = origin
+            parsed.append(item)
+        except BadRowError as err:
+            if on_bad_row == "error":
+                raise
+            skipped.append(err)
+    if not parsed and not allow_empty:
+        detail = f" ({len(skipped)} bad rows skipped, first: {skipped[0]})" if skipped else ""
+        raise BadRowError(str(source), None, f"no {what}{detail}")
+    return parsed, skipped

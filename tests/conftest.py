@@ -44,6 +44,7 @@ from ragft.config.compose import compose_config
 from ragft.index.embed import DEFAULT_MODEL, Embedder
 from ragft.index.spec import validate_index
 from ragft.index.update import update_index
+from ragft.jsonl import read_rows
 from ragft.sample import sample_path
 
 
@@ -144,18 +145,14 @@ def index_copy(sample_index, tmp_path):
     return path
 
 
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="session")
 def corpus():
-    return {d["id"]: d for d in read_jsonl(sample_path("corpus.jsonl"))}
+    return {d["id"]: d for d in read_rows(sample_path("corpus.jsonl"))}
 
 
 @pytest.fixture(scope="session")
 def corpus_v2():
-    return {d["id"]: d for d in read_jsonl(sample_path("corpus_v2.jsonl"))}
+    return {d["id"]: d for d in read_rows(sample_path("corpus_v2.jsonl"))}
 
 
 @dataclass(frozen=True)

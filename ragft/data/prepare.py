@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from ragft.config.schema import DataConfig
 from ragft.data.pack import ROW_COLUMNS, Row, pack, packing_efficiency, unpacked
-from ragft.data.rows import BadRowError, detect_format, read_examples
+from ragft.data.rows import detect_format, read_examples
 from ragft.data.tokenize import IGNORE_INDEX, Encoded, encode
+from ragft.jsonl import BadRowError
 
 log = logging.getLogger(__name__)
 

@@ -1,51 +1,22 @@
 """Reading training rows from JSONL, a `datasets` folder or parquet, and validating their shape.
 
 Every row must be exactly one of the three formats of DESIGN.md §3 (chat, prompt/completion,
-text). A row that is not becomes a `BadRowError` naming its file and line, so a bad row never
+text). A row that is not becomes a `ragft.jsonl.BadRowError` naming its file and line, so a bad row never
 passes silently: the caller either stops on the first one or skips and counts them all.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Iterator
 
-from ragft.errors import BadDataError
-
-T = TypeVar("T")
+from ragft.jsonl import JSONL_SUFFIXES, ON_BAD_ROW, BadRowError, collect_rows, json_object, jsonl_rows
 
 FORMATS = ("auto", "jsonl", "hf", "parquet")
-ON_BAD_ROW = ("error", "skip")
 ROLES = ("system", "user", "assistant")
-JSONL_SUFFIXES = (".jsonl", ".json")
 # `Dataset.save_to_disk` always writes these two files next to the arrow shards.
 HF_MARKERS = ("dataset_info.json", "state.json")
-
-
-class BadRowError(BadDataError):
-    """One row that is not valid training data, located by file and 1-based line (row index + 1 for
-    parquet and datasets folders). `line` is None for problems of the whole file, e.g. no rows."""
-
-    def __init__(self, path: str, line: int | None, reason: str):
-        self.path = str(path)
-        self.line = line
-        self.reason = reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
-        return f"{where}: {self.reason}"
-
-    def __reduce__(self):  # keep the attributes when pickled across processes (Ray)
-        return (type(self), (self.path, self.line, self.reason))
-
-    @classmethod
-    def at(cls, origin: str, reason: str) -> BadRowError:
-        """The error for a row known by its `Example.origin` ("path:line")."""
-        path, _, line = origin.rpartition(":")
-        return cls(path, int(line), reason)
 
 
 @dataclass(frozen=True)
@@ -85,38 +56,6 @@ def read_examples(path: str, fmt: str = "auto", on_bad_row: str = "error") -> Re
     return ReadResult(examples=examples, skipped=skipped)
 
 
-def collect_rows(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str], T], on_bad_row: str, source: str,
-                 what: str, key: Optional[Callable[[T], str]] = None, key_name: str = "id") -> tuple[list[T], list]:
-    """Parse each (origin, row) of `source`; a bad row raises (on_bad_row="error") or is collected ("skip").
-
-    A row the source could not decode arrives as a BadRowError. With `key`, a row repeating an earlier
-    row's key is bad too (naming the first): keeping either copy silently would hide a mistake.
-    A source without a single good row is an error either way.
-    """
-    parsed: list[T] = []
-    skipped: list[BadRowError] = []
-    first_seen: dict[str, str] = {}
-    for origin, row in rows:
-        try:
-            if isinstance(row, BadRowError):
-                raise row
-            item = parse(row, origin)
-            if key is not None:
-                k = key(item)
-                if k in first_seen:
-                    raise BadRowError.at(origin, f"duplicate {key_name} {k!r} (first at {first_seen[k]})")
-                first_seen[k] = origin
-            parsed.append(item)
-        except BadRowError as err:
-            if on_bad_row == "error":
-                raise
-            skipped.append(err)
-    if not parsed:
-        detail = f" ({len(skipped)} bad rows skipped, first: {skipped[0]})" if skipped else ""
-        raise BadRowError(str(source), None, f"no {what}{detail}")
-    return parsed, skipped
-
-
 def detect_format(path: str) -> str:
     """jsonl, hf or parquet, from a file's suffix or a folder's contents."""
     p = Path(path)
@@ -141,8 +80,7 @@ def parse_row(row: Any, origin: str) -> Example:
     Keys other than the format's own (an `id`, a `source`) are ignored, so datasets with
     metadata columns load as they are.
     """
-    if not isinstance(row, dict):
-        raise BadRowError.at(origin, f"expected a JSON object, got {type(row).__name__}")
+    json_object(row, origin)
     shapes = [name for name, keys in _SHAPE_KEYS.items() if any(k in row for k in keys)]
     if not shapes:
         raise BadRowError.at(
@@ -202,25 +140,6 @@ _PARSERS = {"chat": _parse_chat, "prompt_completion": _parse_prompt_completion, 
 
 
 # --- sources: each yields (origin, decoded row), or (origin, BadRowError) for a row it cannot decode ---
-
-
-def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """("path:line", decoded object) per non-blank line, or ("path:line", BadRowError) for one that is not JSON."""
-    # Bytes, decoded per line, so one line of broken UTF-8 is one bad row rather than a crash.
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            origin = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield origin, BadRowError.at(origin, f"not UTF-8 text: {err.reason} at byte {err.start}")
-                continue
-            if not line.strip():  # blank lines (a trailing newline, spacing) are not rows
-                continue
-            try:
-                yield origin, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield origin, BadRowError.at(origin, f"invalid JSON: {err.msg} at column {err.colno}")
 
 
 def _hf_rows(path: str) -> Iterator[tuple[str, Any]]:

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import jinja2
 
-from ragft.data.rows import BadRowError, Example
+from ragft.data.rows import Example
 from ragft.errors import BadDataError
+from ragft.jsonl import BadRowError
 
 IGNORE_INDEX = -100  # label of a token with no loss (PyTorch cross_entropy's default ignore_index)
 

@@ -3,7 +3,7 @@
 A row is `{"id": str, "question": str, "answer": str, "doc_ids"?: [str, ...], ...}`. `doc_ids` are
 the gold documents (retrieval metrics need them; answer metrics do not), and any other keys (the
 sample's `attribute`, `changed`) are kept in `Question.extra` so reports can break scores down by
-them. A row that is not a question becomes a `ragft.data.rows.BadRowError` naming its file and
+them. A row that is not a question becomes a `ragft.jsonl.BadRowError` naming its file and
 line, the same error training data and corpora raise, so the CLI reports all three the same way.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ragft.data.rows import ON_BAD_ROW, BadRowError, collect_rows, jsonl_rows
+from ragft.jsonl import ON_BAD_ROW, BadRowError, collect_rows, json_object, jsonl_rows
 
 REQUIRED = ("id", "question", "answer")
 KNOWN = REQUIRED + ("doc_ids",)
@@ -53,8 +53,7 @@ def read_questions(path: str, on_bad_row: str = "error") -> ReadQuestions:
 
 def parse_question(row: Any, origin: str) -> Question:
     """The `Question` a decoded row describes, or BadRowError saying why it describes none."""
-    if not isinstance(row, dict):
-        raise BadRowError.at(origin, f"expected a JSON object, got {type(row).__name__}")
+    json_object(row, origin)
     qid = row.get("id")
     if not isinstance(qid, str) or not qid.strip():
         raise BadRowError.at(origin, f"'id' must be a non-empty string, got {qid!r}")

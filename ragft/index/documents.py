@@ -2,7 +2,7 @@
 
 A JSONL row is `{"id": str, "text": str, "title"?: str, "source"?: str, "metadata"?: object}`; other
 keys are ignored. A folder yields one document per file, its id the path relative to the folder.
-A row that is not a document becomes a `ragft.data.rows.BadRowError` naming its file and line, the
+A row that is not a document becomes a `ragft.jsonl.BadRowError` naming its file and line, the
 same error training data raises, so the CLI reports both the same way (exit 2).
 
 Each document carries a content hash of what its chunks and embeddings derive from (title and
@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ragft.data.rows import BadRowError, collect_rows, jsonl_rows
-
-JSONL_SUFFIXES = (".jsonl", ".json")
+from ragft.jsonl import JSONL_SUFFIXES, BadRowError, collect_rows, json_object, jsonl_rows
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,7 @@ def read_documents(path: str, on_bad_row: str = "error", extensions: tuple[str, 
 
 def parse_document(row: Any, origin: str) -> Document:
     """The `Document` a decoded JSONL row describes, or BadRowError saying why it describes none."""
-    if not isinstance(row, dict):
-        raise BadRowError.at(origin, f"expected a JSON object, got {type(row).__name__}")
+    json_object(row, origin)
     doc_id, text = row.get("id"), row.get("text")
     if not isinstance(doc_id, str) or not doc_id.strip():
         raise BadRowError.at(origin, f"'id' must be a non-empty string, got {doc_id!r}")
@@ -96,7 +93,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix not in JSONL_SUFFIXES:
         raise BadRowError(str(path), None, f"a corpus file must be JSONL ({', '.join(JSONL_SUFFIXES)}); "
                                            "for .txt / .md files point corpus.path at their folder")
-    yield from jsonl_rows(str(path))
+    yield from jsonl_rows(path)
 
 
 def _folder_rows(folder: Path, extensions: tuple[str, ...]) -> Iterator[tuple[str, Any]]:

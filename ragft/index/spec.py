@@ -15,10 +15,11 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
-from ragft.config.spec import ConfigError, cuda_available, typed_job_config
-from ragft.index.documents import JSONL_SUFFIXES
+from ragft.config.spec import cuda_available, typed_job_config
+from ragft.errors import ConfigError
 from ragft.index.store import StoreParams
 from ragft.index.versions import is_index
+from ragft.jsonl import JSONL_SUFFIXES
 
 COMMANDS = ("index", "search")
 

@@ -12,14 +12,13 @@ JSONL keeps the texts readable with standard tools; a 100k-chunk table loads in 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from ragft.jsonl import write_jsonl
+from ragft.jsonl import read_rows, write_jsonl
 
 DOCUMENTS = "documents.jsonl"
 CHUNKS = "chunks.jsonl"
@@ -66,15 +65,13 @@ def write_chunks(path: Path, table: ChunkTable) -> None:
 def read_chunks(path: Path) -> ChunkTable:
     table = ChunkTable.empty()
     ids = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            ids.append(row["id"])
-            table.chunk_ids.append(row["chunk_id"])
-            table.doc_ids.append(row["doc_id"])
-            table.starts.append(row["start"])
-            table.ends.append(row["end"])
-            table.texts.append(row["text"])
+    for row in read_rows(path):
+        ids.append(row["id"])
+        table.chunk_ids.append(row["chunk_id"])
+        table.doc_ids.append(row["doc_id"])
+        table.starts.append(row["start"])
+        table.ends.append(row["end"])
+        table.texts.append(row["text"])
     table.ids = np.asarray(ids, dtype=np.int64)
     return table
 
@@ -84,8 +81,7 @@ def write_documents(path: Path, records: Iterable[dict]) -> None:
 
 
 def read_documents(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_rows(path)
 
 
 def write_vectors(path: Path, vectors: np.ndarray) -> None:

@@ -8,7 +8,6 @@ folder that `AutoTokenizer.from_pretrained` loads without ragft.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from ragft.jsonl import BadRowError, jsonl_rows
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -59,13 +60,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterable[str]:
-    """Every string a JSONL file holds (document text, messages, prompts, answers)."""
+    """Every string a JSONL file holds (document text, messages, prompts, answers); a line that is not JSON
+    raises BadRowError naming it."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    yield from _strings(json.loads(line))
+        for _, row in jsonl_rows(path):
+            if isinstance(row, BadRowError):
+                raise row
+            yield from _strings(row)
 
 
 def _strings(value) -> Iterable[str]:

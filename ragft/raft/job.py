@@ -12,10 +12,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ragft.config.schema import RaftJobConfig
-from ragft.config.spec import ConfigError, typed_job_config
-from ragft.data.rows import ON_BAD_ROW
+from ragft.config.spec import typed_job_config
+from ragft.errors import ConfigError
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
+from ragft.jsonl import ON_BAD_ROW
 from ragft.rag import check_templates
 
 

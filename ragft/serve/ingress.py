@@ -30,9 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ragft.data.rows import BadRowError
 from ragft.generate.engine import GenerationRequest, SamplingParams
 from ragft.index.documents import parse_document
+from ragft.jsonl import BadRowError
 from ragft.rag import citations, prompt_ids, query_of
 from ragft.serve.completions import check_prompt_count, check_retrievable, prompt_inputs, prompt_summary
 from ragft.serve.logprobs import choices_logprobs

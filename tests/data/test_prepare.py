@@ -16,8 +16,9 @@ import ragft.data.prepare as prepare_module
 from ragft.config.schema import DataConfig
 from ragft.data.pack import pack
 from ragft.data.prepare import prepare
-from ragft.data.rows import BadRowError, read_examples
+from ragft.data.rows import read_examples
 from ragft.data.tokenize import encode
+from ragft.jsonl import BadRowError
 
 NUM_ROWS = 40
 

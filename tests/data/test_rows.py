@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ragft.data.rows import BadRowError, Example, read_examples
+from ragft.data.rows import Example, read_examples
+from ragft.jsonl import BadRowError
 
 CHAT = {
     "messages": [

@@ -10,8 +10,9 @@ import copy
 
 import pytest
 
-from ragft.data.rows import BadRowError, Example
+from ragft.data.rows import Example
 from ragft.data.tokenize import IGNORE_INDEX, ChatTemplateError, encode
+from ragft.jsonl import BadRowError
 
 MESSAGES = (
     {"role": "system", "content": "Be brief."},

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragft.data.rows import BadRowError
 from ragft.eval.questions import Question, read_questions
+from ragft.jsonl import BadRowError
 from ragft.sample import sample_path
 
 GOOD = '{"id": "q1", "question": "Who built it?", "answer": "Krofel Yard", "doc_ids": ["d1"], "topic": "yards"}'

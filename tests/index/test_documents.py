@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ragft.data.rows import BadRowError
 from ragft.index.documents import read_documents
+from ragft.jsonl import BadRowError
 from ragft.sample import sample_path
 
 GOOD = '{"id": "a", "text": "Alpha text.", "title": "A", "metadata": {"k": 1}}'
