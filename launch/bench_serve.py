@@ -134,18 +134,16 @@ def throughput(url: str, concurrency: int, seconds: float, max_tokens: int) -> f
 
 def rag_prompts(tokenizer) -> list[list[int]]:
     """One chat prompt per sample question, with retrieval's shape: the document that answers it and the next."""
-    import json
-
     from ragft.config.schema import RagConfig
     from ragft.index.index import Hit
+    from ragft.jsonl import read_rows
     from ragft.rag import prompt_ids
     from ragft.sample import sample_path
 
-    docs = [json.loads(line) for line in Path(sample_path("corpus.jsonl")).read_text().splitlines()]
+    docs = read_rows(sample_path("corpus.jsonl"))
     at = {d["id"]: i for i, d in enumerate(docs)}
     prompts = []
-    for line in Path(sample_path("qa.jsonl")).read_text().splitlines():
-        q = json.loads(line)
+    for q in read_rows(sample_path("qa.jsonl")):
         i = at[q["doc_ids"][0]]
         hits = [Hit(d["id"], f"{d['id']}#0", d["text"], 1.0, 0, len(d["text"]), d["title"])
                 for d in (docs[i], docs[(i + 1) % len(docs)])]

@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     """Train with ragft; return (steady-state throughput, spec facts the baseline must copy)."""
     from ragft.config.compose import compose_config
-    from ragft.config.spec import validate_train
+    from ragft.jsonl import read_rows
     from ragft.train.run import run
+    from ragft.train.spec import validate_train
 
     overrides = [
         f"out_dir={out_dir}",
@@ -55,7 +56,7 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
     ]
     spec = validate_train(compose_config("train", overrides))
     result = run(spec)
-    windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = read_rows(out_dir / "metrics.jsonl")
     steady = windows[1:-1] or windows[1:]  # drop the warmup window and the one holding eval + save
     seconds = [w["step_time_s"] * args.warmup for w in steady]  # each window spans log_every = warmup steps
     tokens_per_s = sum(w["tokens_per_s"] * s for w, s in zip(steady, seconds)) / sum(seconds)

@@ -34,10 +34,10 @@ def first_batch(overrides: list[str], out: Path):
     """(spec, tokenizer, the first micro-batch of one worker, its labelled tokens) of a one-worker `ragft train`
     config, with the process group up: what a one-process training step measures on."""
     from ragft.config.compose import compose_config
-    from ragft.config.spec import validate_train
     from ragft.data.shard import ShardBatches
     from ragft.train.local import ParquetShard, init_process_group
     from ragft.train.run import prepare_data, prepare_model
+    from ragft.train.spec import validate_train
 
     spec = validate_train(compose_config("train", [f"out_dir={out}", "cluster.num_workers=1", *overrides]))
     init_process_group(use_gpu=False)

@@ -1,6 +1,6 @@
 """`ragft <command> [hydra overrides]`: one Hydra app per command, each a few lines into the package.
 
-  ragft train  → ragft.config.spec.validate_train → ragft.train.run.run
+  ragft train  → ragft.train.spec.validate_train → ragft.train.run.run
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
@@ -39,10 +39,10 @@ def train(cfg: DictConfig) -> None:
     def body() -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from ragft import slurm
-        from ragft.config.spec import validate_train
         from ragft.sweep.trial import trial_of_hydra_job
+        from ragft.train import slurm
         from ragft.train.run import run
+        from ragft.train.spec import validate_train
 
         spec = validate_train(trial_of_hydra_job(cfg))  # in a sweep: the trial's own folder and W&B group
         if spec.cluster.name == "slurm" and not slurm.in_allocation():
@@ -168,7 +168,7 @@ def main() -> None:
     if command == "search":
         sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
     if command == "train" and "hydra/launcher=submitit_slurm" in sys.argv[1:]:
-        from ragft.slurm import submitit_overrides
+        from ragft.train.slurm import submitit_overrides
 
         sys.argv[1:] += submitit_overrides(sys.argv[1:])  # sbatch options from the cluster group
     register_configs()

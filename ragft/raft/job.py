@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ragft.config.schema import RaftJobConfig
-from ragft.config.spec import typed_job_config
+from ragft.config.validation import typed_job_config
 from ragft.errors import ConfigError
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
@@ -54,9 +54,9 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
 
 
 def run_raft(spec: RaftSpec, progress=print) -> dict:
-    from ragft.raft.build import build_raft, write_raft
     from ragft.eval.questions import read_questions
     from ragft.index.index import Index
+    from ragft.raft.build import build_raft, write_raft
 
     started, job = time.time(), spec.job
     read = read_questions(job.qa.path, job.qa.on_bad_row)

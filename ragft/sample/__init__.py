@@ -6,18 +6,6 @@ and checked by the tests to be byte-identical to a fresh run.
 
 from __future__ import annotations
 
-from pathlib import Path
+from ragft.config.resolvers import SAMPLE_DIR, sample_path
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data"
-
-
-def sample_path(name: str) -> str:
-    """Absolute path of a shipped sample file, e.g. ``sample_path("train.jsonl")``."""
-    path = SAMPLE_DIR / name
-    if not path.is_file():
-        present = sorted(p.name for p in SAMPLE_DIR.glob("*.jsonl")) if SAMPLE_DIR.is_dir() else []
-        raise FileNotFoundError(
-            f"sample file {name!r} not found in {SAMPLE_DIR} (present: {', '.join(present) or 'none'}); "
-            "regenerate the sample with `python -m ragft.sample.generate`"
-        )
-    return str(path)
+__all__ = ["SAMPLE_DIR", "sample_path"]

@@ -1,7 +1,7 @@
 """The validated, frozen spec of `ragft serve`: which models, which index, which keys, which limits.
 
 `validate_serve` turns a composed conf/serve.yaml into a `ServeSpec` or raises
-`ragft.config.spec.ConfigError` listing every problem at once, before Ray is touched.
+`ragft.errors.ConfigError` listing every problem at once, before Ray is touched.
 Checkpoints resolve here, through `ragft.checkpoints`: a folder is read for what it is (a LoRA adapter,
 a full model, a plain model), `checkpoint=latest` names the newest complete checkpoint under
 train_runs_dir, and every checkpoint with a manifest is checked against its sha256 sums.
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragft.checkpoints import ADAPTER_CONFIG, MANIFEST, ServedModel, describe, resolve_checkpoint
 from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
-from ragft.config.spec import typed_job_config
+from ragft.config.validation import typed_job_config
 from ragft.errors import ConfigError
 from ragft.index.spec import check_retrieval
 from ragft.index.versions import is_index

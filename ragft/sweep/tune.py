@@ -28,10 +28,10 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from ragft.config.schema import SweepConfig
-from ragft.config.spec import TrainSpec, validate_train
 from ragft.errors import ConfigError
 from ragft.sweep.report import STATUS_FILE
 from ragft.train.loop import STOP_FILE
+from ragft.train.spec import TrainSpec, validate_train
 
 SCHEDULERS = ("fifo", "asha")
 STOPPED = "stopped early (asha)"  # the status sweep.md shows for a trial ASHA stopped

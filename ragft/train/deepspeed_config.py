@@ -11,7 +11,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ragft.config.spec import TrainSpec
+from ragft.train.spec import TrainSpec
 
 
 def render(spec: TrainSpec) -> dict:

@@ -49,8 +49,8 @@ def train_local(spec, rank: int, world_size: int) -> None:
     """Rank 0 prepares model and data as the Ray driver would and shares its spec; all ranks train."""
     from ragft.model.build import load_tokenizer
     from ragft.train.loop import run_worker
-    from ragft.config.spec import spec_summary
     from ragft.train.run import prepare_data, prepare_model
+    from ragft.train.spec import spec_summary
 
     shared = [None]
     if rank == 0:
@@ -87,7 +87,7 @@ def init_process_group(use_gpu: bool) -> tuple[int, int]:
 
 def main() -> None:
     from ragft.config.compose import compose_config
-    from ragft.config.spec import validate_train
+    from ragft.train.spec import validate_train
 
     spec = validate_train(compose_config("train", sys.argv[1:]))
     rank, world = init_process_group(spec.cluster.use_gpu)

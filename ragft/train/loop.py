@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from ragft.checkpoints import complete_checkpoints
-from ragft.config.spec import TrainSpec
 from ragft.data.pack import ROW_COLUMNS
 from ragft.data.shard import ShardBatches
 from ragft.data.tokenize import IGNORE_INDEX
@@ -36,6 +35,7 @@ from ragft.train.deepspeed_config import render, warmup_cosine
 from ragft.train.flops import flops_per_token, peak_flops_per_device
 from ragft.train.loss import causal_lm_loss
 from ragft.train.progress import Sink, printing_sink
+from ragft.train.spec import TrainSpec
 from ragft.train.tracking import make_tracker
 
 

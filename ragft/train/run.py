@@ -15,11 +15,11 @@ from typing import Sequence
 from ragft import registry
 from ragft.checkpoints import MANIFEST, best_by_eval_loss, complete_checkpoints
 from ragft.cluster import init_ray
-from ragft.config.spec import DataPlan, TrainSpec, spec_summary
 from ragft.errors import ConfigError
 from ragft.jsonl import read_records
 from ragft.signals import on_stop_signal
 from ragft.train.loop import STOP_FILE
+from ragft.train.spec import DataPlan, TrainSpec, spec_summary
 from ragft.train.tracking import WANDB_INFO
 
 

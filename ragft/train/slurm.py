@@ -1,5 +1,5 @@
-"""`cluster=slurm`: render slurm/ray_train.sbatch for a validated train spec, submit it, and the helpers the
-script calls inside the allocation.
+"""`cluster=slurm`: render ragft/templates/ray_train.sbatch for a validated train spec, submit it, and the
+helpers the script calls inside the allocation.
 
     ragft train cluster=slurm cluster.nodes=4 cluster.gpus_per_node=8 ...   → sbatch, prints job id and log
     ragft train cluster=slurm cluster.dry_run=true ...                      → prints the script only
@@ -19,12 +19,14 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
+from ragft.config.resolvers import time_minutes
 from ragft.config.schema import ClusterConfig
 from ragft.train.resume import override_key
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "ray_train.sbatch"
+TEMPLATE = Path(str(files("ragft"))) / "templates" / "ray_train.sbatch"
 IN_ALLOCATION = "RAGFT_SLURM_ALLOCATION"  # set by the script: run here, do not submit again
 
 
@@ -35,7 +37,7 @@ def in_allocation() -> bool:
 
 
 def check(cl: ClusterConfig) -> list[str]:
-    """Problems with a cluster=slurm config, all at once (ragft.config.spec.validate_train calls this)."""
+    """Problems with a cluster=slurm config, all at once (ragft.train.spec.validate_train calls this)."""
     problems = []
     if cl.nodes < 1:
         problems.append(f"cluster.nodes={cl.nodes} must be at least 1")
@@ -81,25 +83,6 @@ def unsafe_values(cl: ClusterConfig) -> list[str]:
             problems.append(f"cluster.sbatch_extra: {str(line)!r} is not one sbatch option on one line "
                             f"(e.g. --exclusive or --gres=gpu:8)")
     return problems
-
-
-def time_minutes(value: str) -> int | None:
-    """Minutes (rounded up) in an sbatch --time value, or None when it is not one. sbatch accepts
-    M, M:S, H:M:S, D-H, D-H:M and D-H:M:S."""
-    text = str(value).strip()
-    days, _, rest = text.rpartition("-")
-    parts = rest.split(":")
-    if not all(p.isdigit() for p in parts) or len(parts) > 3 or (days and not days.isdigit()) or "-" in days:
-        return None
-    nums = [int(p) for p in parts]
-    if days:
-        hours, minutes, seconds = (nums + [0, 0])[:3]
-        return int(days) * 1440 + hours * 60 + minutes + (seconds > 0)
-    if len(nums) == 1:
-        return nums[0]
-    if len(nums) == 2:
-        return nums[0] + (nums[1] > 0)
-    return nums[0] * 60 + nums[1] + (nums[2] > 0)
 
 
 def render(spec, overrides: list[str]) -> str:
@@ -217,5 +200,5 @@ def wait_for_nodes(address: str, count: int, timeout_s: float) -> bool:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["wait-for-nodes"] and len(sys.argv) == 5:
         sys.exit(0 if wait_for_nodes(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])) else 1)
-    print("usage: python -m ragft.slurm wait-for-nodes <head:port> <nodes> <timeout_s>", file=sys.stderr)
+    print("usage: python -m ragft.train.slurm wait-for-nodes <head:port> <nodes> <timeout_s>", file=sys.stderr)
     sys.exit(2)

@@ -29,7 +29,7 @@ from ragft.config.schema import (
     TrackingConfig,
     TrainJobConfig,
 )
-from ragft.config.schema.choices import plain_choices
+from ragft.config.validation import cuda_available, first_line, has_module, typed_job_config
 from ragft.errors import ConfigError
 from ragft.model.precision import cpu_has_bf16, cuda_has_bf16
 
@@ -94,32 +94,34 @@ class TrainSpec:
         return Path(self.out_dir) / "checkpoints"
 
 
-def typed_job_config(cfg: DictConfig):
-    """The composed config as its schema dataclass (interpolations resolved, types checked), or a
-    ConfigError naming every required key left unset: the first step of every command's validation."""
-    try:
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except Exception as err:  # missing_keys resolves interpolations: one that cannot resolve fails here already
-        raise ConfigError([first_line(err)]) from None
-    if missing:
-        raise ConfigError([f"{key} is required (set {key}=...)" for key in missing])
-    try:  # closed choices were checked at compose; from here on they are plain strings
-        return plain_choices(OmegaConf.to_object(cfg))
-    except Exception as err:  # an interpolation that cannot resolve, e.g. ${sample:...} of a missing file
-        raise ConfigError([first_line(err)]) from None
+@dataclass(frozen=True)
+class Hardware:
+    """What validation knows of the GPUs the job will run on."""
+
+    cuda: bool  # this process sees a CUDA device
+    remote_gpus: bool  # the workers' GPUs are a cluster's, not this machine's: a CPU-only head validates GPU jobs
 
 
 def validate_train(cfg: DictConfig) -> TrainSpec:
     """Check a composed `ragft train` config and build its spec; raise ConfigError with all problems."""
-    problems: list[str] = []
     job: TrainJobConfig = typed_job_config(cfg)
+    hardware = Hardware(cuda=cuda_available(),
+                        remote_gpus=job.cluster.name in ("ray", "slurm") and job.cluster.use_gpu)
+    grad_accum, problems = check_batch(job.train, job.cluster)
+    problems += check_method(job.method, job.strategy, job.cluster, hardware)
+    problems += check_data(job.data)
+    model, model_problems = check_model_and_kernels(job, hardware)
+    problems += model_problems
+    problems += check_cluster(job.cluster)
+    problems += check_resume(job)
+    if problems:
+        raise ConfigError(problems)
+    return build_spec(cfg, job, model, grad_accum, hardware)
 
-    cuda = cuda_available()
-    train, cluster, method, strategy, data = job.train, job.cluster, job.method, job.strategy, job.data
-    # On a cluster the workers' GPUs are not this machine's: a CPU-only head or login node validates GPU jobs.
-    remote_gpus = cluster.name in ("ray", "slurm") and cluster.use_gpu
 
-    # --- batch arithmetic
+def check_batch(train: LoopConfig, cluster: ClusterConfig) -> tuple[int, list[str]]:
+    """(gradient accumulation steps, problems) of the batch arithmetic, step counts and learning rate."""
+    problems = []
     for name in ("micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
         if getattr(train, name) < 1:
             problems.append(f"train.{name}={getattr(train, name)} must be at least 1")
@@ -137,19 +139,24 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append(f"train.lr={train.lr} must be positive")
     if not 0 <= train.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
+    return grad_accum, problems
 
-    # --- method and hardware
+
+def check_method(method: MethodConfig, strategy: StrategyConfig, cluster: ClusterConfig,
+                 hardware: Hardware) -> list[str]:
+    """What stops the method and the DeepSpeed strategy from running on the hardware the job gets."""
+    problems = []
     if method.name == "qlora":
-        if not (cuda or remote_gpus):
+        if not (hardware.cuda or hardware.remote_gpus):
             problems.append("method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible here")
-        if not _has_module("bitsandbytes"):
+        if not has_module("bitsandbytes"):
             problems.append("method=qlora needs bitsandbytes: pip install 'ragft[qlora]'")
         if strategy.zero_stage == 3:
             problems.append("method=qlora cannot be combined with ZeRO-3 (4-bit weights cannot be partitioned); "
                             "use strategy=zero2 or ddp")
     if method.name in ("lora", "qlora") and method.r < 1:
         problems.append(f"method.r={method.r} must be at least 1")
-    if cluster.use_gpu and not cuda and cluster.name == "local":
+    if cluster.use_gpu and not hardware.cuda and cluster.name == "local":
         problems.append("cluster.use_gpu=true but no CUDA GPU is visible on this machine")
     if strategy.zero_stage not in (0, 1, 2, 3):
         problems.append(f"strategy.zero_stage={strategy.zero_stage} must be 0, 1, 2 or 3")
@@ -157,10 +164,14 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append("strategy.offload_params needs ZeRO stage 3")
     if strategy.offload_optimizer and strategy.zero_stage == 0:
         problems.append("strategy.offload_optimizer needs ZeRO stage 1, 2 or 3")
-    if strategy.precision == "bf16" and cluster.use_gpu and not (cuda_has_bf16() or remote_gpus):
+    if strategy.precision == "bf16" and cluster.use_gpu and not (cuda_has_bf16() or hardware.remote_gpus):
         problems.append("strategy.precision=bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
+    return problems
 
-    # --- data
+
+def check_data(data: DataConfig) -> list[str]:
+    """The data files exist, and the eval split and sequence length make sense."""
+    problems = []
     for key in ("train_path", "eval_path"):
         path = getattr(data, key)
         if path is not None and not Path(path).exists():
@@ -169,50 +180,65 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
         problems.append(f"data.eval_fraction={data.eval_fraction} must be in (0, 1) when data.eval_path is unset")
     if data.max_seq_len < 8:
         problems.append(f"data.max_seq_len={data.max_seq_len} is too short")
+    return problems
 
-    # --- model (probed on the meta device: no weights are loaded; a GGUF file is converted once, cached)
-    model, model_problems = resolve_model(job.model, job.cache_dir)
-    problems += model_problems or _check_model(model, method, data)
-    problems += check_kernels(model, strategy, cuda=cuda or remote_gpus, use_gpu=cluster.use_gpu,
-                              check_model=not model_problems)
 
+def check_model_and_kernels(job: TrainJobConfig, hardware: Hardware) -> tuple[ModelConfig, list[str]]:
+    """The model config as the run will use it and its problems, probed on the meta device: no weights are
+    loaded (a GGUF file is converted once, then cached)."""
+    model, problems = resolve_model(job.model, job.cache_dir)
+    problems = problems or _check_model(model, job.method, job.data)
+    problems += check_kernels(model, job.strategy, cuda=hardware.cuda or hardware.remote_gpus,
+                              use_gpu=job.cluster.use_gpu, check_model=not problems)
+    return model, problems
+
+
+def check_cluster(cluster: ClusterConfig) -> list[str]:
+    """Where the job runs: Ray Client cannot drive it; a Slurm allocation must be one sbatch can give."""
+    problems = []
     if cluster.name == "ray" and str(cluster.address or "").startswith("ray://"):
         problems.append(f"cluster.address={cluster.address}: Ray Client cannot run ragft train (Ray Data and Ray Train "
                         "need the driver on the cluster); run it on a cluster node (cluster.address=auto) or submit "
                         "it as a Ray job: launch/ray/submit.sh http://<head>:8265 <overrides>")
     if cluster.name == "slurm":
-        from ragft.slurm import check
+        from ragft.train.slurm import check
 
         problems += check(cluster)
+    return problems
 
-    # --- tracking and resume
+
+def check_resume(job: TrainJobConfig) -> list[str]:
+    """resume= names a ragft run; without it, out_dir must not hold another run's checkpoints."""
+    problems = []
     if job.resume is not None and not (Path(job.resume) / "spec.json").is_file():
         problems.append(f"resume={job.resume} is not a ragft train run (no spec.json there)")
     if job.resume is None and any(Path(job.out_dir, "checkpoints").glob("[0-9]*")):
         problems.append(f"out_dir={job.out_dir} already holds checkpoints: pass resume={job.out_dir} to continue "
                         f"that run, or choose another out_dir")
+    return problems
 
-    if problems:
-        raise ConfigError(problems)
 
+def build_spec(cfg: DictConfig, job: TrainJobConfig, model: ModelConfig, grad_accum: int,
+               hardware: Hardware) -> TrainSpec:
+    """The spec of a validated config: absolute paths, the run id (a resumed run keeps its own), precision."""
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    on_gpu = job.cluster.use_gpu and (hardware.cuda or hardware.remote_gpus)
     return TrainSpec(
         run_id=_previous_run_id(job.resume) or _run_id(),
         out_dir=str(Path(job.out_dir).resolve()),
         cache_dir=str(Path(os.path.expanduser(job.cache_dir)).resolve()),
         registry_path=str(Path(job.registry.path).expanduser().resolve()),
         model=model,
-        method=method,
-        strategy=strategy,
-        data=data,
-        cluster=cluster,
+        method=job.method,
+        strategy=job.strategy,
+        data=job.data,
+        cluster=job.cluster,
         tracking=job.tracking,
-        train=train,
+        train=job.train,
         seed=job.seed,
         resume=job.resume,
         grad_accum=grad_accum,
-        precision=_resolve_precision(strategy.precision, cluster.use_gpu and (cuda or remote_gpus),
-                                     assume_gpu_bf16=remote_gpus),
+        precision=_resolve_precision(job.strategy.precision, on_gpu, assume_gpu_bf16=hardware.remote_gpus),
         config_hash=config_hash(resolved),
         resolved_config=resolved,
     )
@@ -307,7 +333,7 @@ def check_kernels(model: ModelConfig, strategy: StrategyConfig, cuda: bool, use_
         return [f"model.kernels={model.kernels!r} is not one of {', '.join(KERNELS)}"]
     problems = []
     if model.kernels == "liger":
-        if not _has_module("liger_kernel"):
+        if not has_module("liger_kernel"):
             problems.append("model.kernels=liger needs Liger-Kernel: pip install liger-kernel (its Triton kernels "
                             "run on CUDA GPUs only); or use model.kernels=ragft, which also runs on CPUs")
         if not (cuda and use_gpu):
@@ -337,19 +363,6 @@ def _resolve_precision(precision: str, on_gpu: bool, assume_gpu_bf16: bool = Fal
     return precision
 
 
-def cuda_available() -> bool:
-    """Whether this process sees a CUDA device (validation that refuses GPU settings without one)."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
 def _previous_run_id(resume: str | None) -> str | None:
     """A resumed run keeps its id, so its checkpoints, metrics and W&B run stay one run."""
     if resume is None:
@@ -359,8 +372,3 @@ def _previous_run_id(resume: str | None) -> str | None:
 
 def _run_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-def first_line(err: Exception) -> str:
-    """The first line of an error's message (or its type): one line in a listed config problem."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragft.config.spec import TrainSpec
+from ragft.train.spec import TrainSpec
 
 WANDB_INFO = "wandb.json"  # where rank 0 leaves the run's id, URL and offline folder for result.json
 

@@ -173,7 +173,7 @@ def test_a_config_group_option_that_does_not_exist_is_refused_with_the_options()
 
 def test_enum_values_come_out_as_plain_strings():
     """Code compares them with strings, and spec.json / manifests / --cfg job hold plain strings."""
-    from ragft.config.spec import spec_summary, validate_train
+    from ragft.train.spec import spec_summary, validate_train
 
     cfg = compose_config("train", ["strategy.precision=fp32", "cluster.name=local"])
     assert cfg.cluster.name == "local" and cfg.strategy.precision == "fp32"

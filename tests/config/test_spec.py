@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from ragft.config.spec import validate_train
 from ragft.errors import ConfigError
 from ragft.model.precision import cpu_has_bf16
+from ragft.train.spec import validate_train
 
 GROUPS = {
     "model": ["tiny", "smollm2"],  # smollm2: the GGUF converted once into the suite's cache

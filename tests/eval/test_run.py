@@ -22,6 +22,7 @@ from ragft.errors import ConfigError
 from ragft.eval import metrics as m
 from ragft.eval.run import run_eval
 from ragft.eval.spec import validate_eval
+from ragft.jsonl import read_rows
 from ragft.sample import sample_path
 
 pytestmark = pytest.mark.ray
@@ -62,7 +63,7 @@ def test_four_systems_splits_and_report(result):
 
 def test_changed_split_comes_from_the_old_answers(result):
     got, _, _ = result
-    old = {q["id"]: q for q in map(json.loads, open(sample_path("qa.jsonl")))}
+    old = {q["id"]: q for q in read_rows(sample_path("qa.jsonl"))}
     for q in got["questions"]:
         assert q["changed"] == (q["id"] not in old or old[q["id"]]["answer"] != q["answer"])
         assert q["old_answer"] == (old[q["id"]]["answer"] if q["id"] in old else None)

@@ -116,7 +116,8 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def smollm2(cache_dir) -> Path:
-    from ragft.model.gguf import converted_folder, package_file
+    from ragft.config.resolvers import package_file
+    from ragft.model.gguf import converted_folder
 
     return converted_folder(package_file(*SMOLLM2_GGUF), cache_dir)
 
@@ -138,14 +139,14 @@ def rag_prompts(smol_ref) -> list[tuple[int, ...]]:
     """Six chat prompts as `ragft serve` renders them: a sample question and two documents, the gold one first."""
     from ragft.config.schema import RagConfig
     from ragft.index.index import Hit
+    from ragft.jsonl import read_rows
     from ragft.rag import prompt_ids
     from ragft.sample import sample_path
 
-    docs = [json.loads(line) for line in Path(sample_path("corpus.jsonl")).read_text().splitlines()]
+    docs = read_rows(sample_path("corpus.jsonl"))
     at = {d["id"]: i for i, d in enumerate(docs)}
     prompts = []
-    for line in Path(sample_path("qa.jsonl")).read_text().splitlines()[:6]:
-        q = json.loads(line)
+    for q in read_rows(sample_path("qa.jsonl"))[:6]:
         i = at[q["doc_ids"][0]]
         hits = [Hit(d["id"], f"{d['id']}#0", d["text"], 1.0, 0, len(d["text"]), d["title"])
                 for d in (docs[i], docs[(i + 1) % len(docs)])]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from ragft.index.embed_jobs import embed_texts, use_ray
+from ragft.jsonl import read_rows
 from ragft.sample import sample_path
 
 
@@ -19,7 +19,7 @@ def test_threshold_keeps_small_jobs_in_process():
 
 @pytest.mark.ray
 def test_ray_data_path_equals_in_process(ray_cluster, embedder):
-    texts = [json.loads(line)["text"] for line in open(sample_path("corpus.jsonl"))][:24]
+    texts = [d["text"] for d in read_rows(sample_path("corpus.jsonl"))][:24]
     reference = embed_texts(texts, embedder)
     # ray_min_chunks=0 forces the Ray path; batch 5 puts each worker on several uneven batches.
     embedder.batch_size, saved = 5, embedder.batch_size

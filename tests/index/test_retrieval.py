@@ -8,7 +8,6 @@ fusion fails here, while a different BLAS summation order does not.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from ragft.config.schema import RagConfig
 from ragft.index import Index
 from ragft.index.index import relative, rrf
+from ragft.jsonl import read_rows
 from ragft.rag import rag_messages
 from ragft.sample import sample_path
 
@@ -29,7 +29,7 @@ def recall_at(k: int, questions: list[dict], results) -> float:
 
 @pytest.fixture(scope="module")
 def qa():
-    return [json.loads(line) for line in open(sample_path("qa.jsonl"))]
+    return read_rows(sample_path("qa.jsonl"))
 
 
 @pytest.fixture(scope="module")

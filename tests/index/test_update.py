@@ -7,7 +7,6 @@ document, would be a stale chunk.
 
 from __future__ import annotations
 
-import json
 import threading
 
 import faiss
@@ -16,6 +15,7 @@ import pytest
 
 from helpers.faiss_ids import ids_of
 from ragft.index import Index, tables, versions
+from ragft.jsonl import read_rows
 from ragft.sample import sample_path
 
 
@@ -35,12 +35,12 @@ def store_ids(path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def qa_v2():
-    return [json.loads(line) for line in open(sample_path("qa_v2.jsonl"))]
+    return read_rows(sample_path("qa_v2.jsonl"))
 
 
 @pytest.fixture(scope="module")
 def qa_v1():
-    return {q["id"]: q for q in map(json.loads, open(sample_path("qa.jsonl")))}
+    return {q["id"]: q for q in read_rows(sample_path("qa.jsonl"))}
 
 
 def test_update_embeds_only_changed_and_added_documents(index_copy, build, corpus, corpus_v2):

@@ -5,7 +5,6 @@ refuses what cannot run; and 20 steps of the one-process training loop track mod
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -16,12 +15,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from helpers.random_llama import random_llama
-from ragft.config.spec import validate_train
 from ragft.data.pack import collate, pack
 from ragft.data.tokenize import IGNORE_INDEX, Encoded
 from ragft.errors import ConfigError
+from ragft.jsonl import read_rows
 from ragft.kernels.llama import apply_kernels, check_supported, fused_loss_head
 from ragft.train.loss import causal_lm_loss
+from ragft.train.spec import validate_train
 
 VOCAB = 97
 
@@ -111,8 +111,7 @@ def _local_losses(runs: dict) -> dict:
     for kernels, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
-        lines = (runs[kernels] / "metrics.jsonl").read_text().splitlines()
-        losses[kernels] = [json.loads(line)["loss"] for line in lines]
+        losses[kernels] = [m["loss"] for m in read_rows(runs[kernels] / "metrics.jsonl")]
     return losses
 
 

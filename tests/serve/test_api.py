@@ -21,18 +21,19 @@ import pytest
 import schemathesis
 
 from helpers.net import free_port
+from ragft.jsonl import read_rows
 from ragft.sample import sample_path
 from ragft.serve.keys import ADMIN_KEY_ENV, API_KEYS_ENV
 
 pytestmark = pytest.mark.ray
 
 USER_KEY, ADMIN_KEY = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
-QA = [json.loads(line) for line in Path(sample_path("qa.jsonl")).read_text().splitlines()]
-QA_V2 = [json.loads(line) for line in Path(sample_path("qa_v2.jsonl")).read_text().splitlines()]
+QA = read_rows(sample_path("qa.jsonl"))
+QA_V2 = read_rows(sample_path("qa_v2.jsonl"))
 
 
 def _jsonl(name: str) -> dict[str, dict]:
-    return {d["id"]: d for d in map(json.loads, Path(sample_path(name)).read_text().splitlines())}
+    return {d["id"]: d for d in read_rows(sample_path(name))}
 
 
 CORPUS, CORPUS_V2 = _jsonl("corpus.jsonl"), _jsonl("corpus_v2.jsonl")

@@ -5,9 +5,7 @@ Skipped where vLLM is not installed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -36,6 +34,7 @@ class Server:
 def server(ray_cluster, serve_models, sample_index, compose_serve, tmp_path_factory):
     from ray import serve
 
+    from ragft.jsonl import read_rows
     from ragft.sample import sample_path
     from ragft.serve.run import run_serve
     from ragft.serve.spec import validate_serve
@@ -46,7 +45,7 @@ def server(ray_cluster, serve_models, sample_index, compose_serve, tmp_path_fact
                         f"serve.port={free_port()}", f"out_dir={tmp / 'run'}", "serve.engine=vllm",
                         "serve.vllm.enforce_eager=true", "serve.vllm.kv_cache_gb=1", "serve.retriever.max_replicas=1",
                         "serve.generator.num_cpus=0.5", "serve.retriever.num_cpus=0.5")
-    corpus = {d["id"]: d for d in map(json.loads, Path(sample_path("corpus.jsonl")).read_text().splitlines())}
+    corpus = {d["id"]: d for d in read_rows(sample_path("corpus.jsonl"))}
     try:
         info = run_serve(validate_serve(cfg), wait=False)
         yield Server(info["url"], corpus)
@@ -61,9 +60,10 @@ def ask(client: openai.OpenAI, question: str, model: str = "alpha", **kw):
 
 
 def test_served_chat_streams_and_cites(server, serve_models):
+    from ragft.jsonl import read_rows
     from ragft.sample import sample_path
 
-    question = json.loads(Path(sample_path("qa.jsonl")).read_text().splitlines()[1])["question"]
+    question = read_rows(sample_path("qa.jsonl"))[1]["question"]
     client = server.client()
     whole = ask(client, question, max_tokens=16)
     assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens >= 1

@@ -17,9 +17,9 @@ import torch
 
 from ragft import registry
 from ragft.checkpoints import MANIFEST, RNG_DIR, complete_checkpoints, inference_files, sha256_file, verify
-from ragft.config.spec import DataPlan, validate_train
 from ragft.train.checkpoint import files_written_by, latest_valid, load_rng_state, prune, save_rng_state, share
 from ragft.train.run import write_result
+from ragft.train.spec import DataPlan, validate_train
 
 
 def fake_checkpoint(root: Path, step: int, eval_loss: float | None) -> Path:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ragft.config.spec import validate_train
 from ragft.train.deepspeed_config import render, warmup_cosine
+from ragft.train.spec import validate_train
 
 
 @pytest.mark.parametrize("strategy,stage", [("ddp", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
+
+from ragft.jsonl import read_rows
 
 pytestmark = pytest.mark.deepspeed
 
@@ -22,7 +23,7 @@ def _local_losses(out, *overrides):
         cwd=out.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in read_rows(out / "metrics.jsonl")]
 
 
 def test_cpu_bf16_autocast_tracks_fp32(tmp_path, cache_dir):
@@ -40,7 +41,7 @@ def _local_run(out, *overrides):
                           cwd=out.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4/4" in proc.stdout and "saved checkpoint step 4" in proc.stdout
-    return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {m["step"]: m for m in read_rows(out / "metrics.jsonl")}
 
 
 @pytest.mark.parametrize("model,method,strategy", [("smollm2", "lora", "zero2"), ("tiny", "lora", "ddp"),

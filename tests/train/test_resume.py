@@ -8,7 +8,6 @@ practice; the tolerance allows for reduction-order noise only).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -19,9 +18,10 @@ import pytest
 from safetensors.torch import load_file
 
 from ragft.checkpoints import complete_checkpoints, verify
-from ragft.config.spec import validate_train
+from ragft.jsonl import read_rows
 from ragft.train.checkpoint import latest_valid
 from ragft.train.run import run
+from ragft.train.spec import validate_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -38,7 +38,7 @@ BASE = [
 
 
 def history(out_dir: Path) -> dict[int, dict]:
-    return {m["step"]: m for m in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+    return {m["step"]: m for m in read_rows(out_dir / "metrics.jsonl")}
 
 
 def weights_file(folder: Path) -> Path:

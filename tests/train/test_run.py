@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ragft.config.spec import validate_train
 from ragft.errors import ConfigError
 from ragft.sample import sample_path
 from ragft.train.run import prepare_data, prepare_model
+from ragft.train.spec import validate_train
 
 
 def test_fewer_eval_rows_than_workers_is_a_config_error(compose_train, tmp_path):

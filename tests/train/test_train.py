@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ragft.checkpoints import complete_checkpoints, verify
-from ragft.config.spec import validate_train
+from ragft.jsonl import read_rows
 from ragft.train.run import run
+from ragft.train.spec import validate_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -36,8 +37,7 @@ def train(compose_train, *overrides: str) -> dict:
 
 
 def history(result: dict) -> list[dict]:
-    lines = (Path(result["out_dir"]) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_rows(Path(result["out_dir"]) / "metrics.jsonl")
 
 
 def generate(model, folder) -> torch.Tensor:

@@ -50,7 +50,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker restarts from the latest checkpoint before the job fails
     peak_tflops: Optional[float] = None  # per device, for MFU when the GPU is not in ragft's table
-    # cluster=slurm: the allocation `ragft train` asks for (ragft.slurm renders ragft/templates/ray_train.sbatch).
+    # cluster=slurm: the allocation `ragft train` asks for (ragft.train.slurm renders ragft/templates/ray_train.sbatch).
     # One Slurm task per node runs a Ray node; the training job inside is the same Ray Train job.
     nodes: int = 1
     gpus_per_node: int = 0
