@@ -22,7 +22,7 @@ decode on one set of weights and their shared KV cache), `ragft.generate.samplin
   `max_prefill_tokens` prompt tokens (sequences x padded length; a longer prompt goes alone) and the
   requests beyond it join at the following steps, in arrival order, while the running sequences go
   on decoding. Letting a whole burst of long prompts join at once stalls every running stream for
-  the whole burst (figures: launch/bench_serve.py --engine, README).
+  the whole burst (launch/bench_serve.py --engine measures it: docs/benchmarks.md).
 
 Steps may run on a different thread each time (the TextGenerator deployment runs each in
 `asyncio.to_thread`). Grad mode is thread-local, so inference mode is entered inside each step
@@ -51,7 +51,7 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter bat
 LOGPROB_CHUNK = 256  # positions projected onto the vocabulary at once when scoring a sequence
 # Prompt tokens one step prefills (prompts x padded length). Lower: a running stream pauses less at a step that
 # prefills, and fewer prompts are padded to the longest one; higher: a burst joins in fewer steps (and cache
-# merges), which a GPU prefills about as fast in one forward. The figures behind it are in the README.
+# merges), which a GPU prefills about as fast in one forward. launch/bench_serve.py measures it (docs/benchmarks.md).
 MAX_PREFILL_TOKENS = 2048  # about 7 RAG prompts of 300 tokens
 
 

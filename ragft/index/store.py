@@ -8,7 +8,7 @@ Kinds:
         graph, so every update rebuilds it from the stored vectors.
 `auto` picks flat up to `flat_max_chunks` and IVF above: flat search grows linearly with the index, IVF
 keeps recall close to flat's at a fraction of the latency, and HNSW builds slower and cannot remove
-vectors, which live updates need. launch/bench_index.py measures all three (figures in the README).
+vectors, which live updates need. launch/bench_index.py measures all three (docs/benchmarks.md).
 
 The int ids are assigned by ragft.index.update and never reused; chunks.jsonl maps them to
 chunk ids, so removing a document is `remove_ids` of its chunks' ids.

@@ -115,8 +115,8 @@ class ServeConfig:
     # each replica holds a copy of the model: raise max_replicas with the GPUs you have
     generator: DeploymentConfig = field(default_factory=DeploymentConfig)
     ready_timeout_s: float = 300.0  # how long `ragft serve` waits for the deployments to come up
-    # Ray Serve's HAProxy ingress instead of its Python HTTP proxy: less overhead per request (figures:
-    # launch/bench_serve.py, README). Applies where ragft starts Ray; an existing cluster needs
+    # Ray Serve's HAProxy ingress instead of its Python HTTP proxy: less overhead per request
+    # (launch/bench_serve.py measures both). Applies where ragft starts Ray; an existing cluster needs
     # RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start`.
     haproxy: bool = True
 
