@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ragft.config.compose import compose_config
 from ragft.config.schema import DemoJobConfig
