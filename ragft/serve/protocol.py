@@ -117,8 +117,11 @@ SCHEMA_REF = "#/components/schemas/{model}"  # where the request models' nested 
 
 
 def openapi_body(model: type[BaseModel]) -> dict:
-    """A route's `openapi_extra` describing its JSON body as `model` (the route reads the raw body itself,
-    so that every validation failure gets OpenAI's error shape)."""
+    """A route's `openapi_extra` describing its JSON body as `model`.
+
+    The routes read the raw body themselves instead of taking FastAPI typed bodies: FastAPI reads and parses
+    the whole body before a route runs, and serve.max_body_bytes must refuse an oversized body (413) before
+    anything parses it, chunked ones while they stream in. So the schema goes into /openapi.json here."""
     schema = model.model_json_schema(ref_template=SCHEMA_REF)
     schema.pop("$defs", None)
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
