@@ -137,9 +137,9 @@ def test_preempted_job_requeues_and_resumes(slurm_env, tmp_path, cache_dir):
     _, first_attempt = read_offline_run(runs[0])
     _, second_attempt = read_offline_run(runs[1])
     assert max(s for s, v in first_attempt.items() if "loss" in v) <= stopped_at
-    assert max(s for s, v in second_attempt.items() if "loss" in v) == 16
+    assert max(s for s, v in second_attempt.items() if "loss" in v) == 48
     final = Path(resumed["final_checkpoint"])
-    assert final.name == "16" and json.loads((final / "manifest.json").read_text())["step"] == 16
+    assert final.name == "48" and json.loads((final / "manifest.json").read_text())["step"] == 48
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
