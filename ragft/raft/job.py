@@ -16,7 +16,6 @@ from ragft.config.validation import typed_job_config
 from ragft.errors import ConfigError
 from ragft.index import versions
 from ragft.index.spec import check_retrieval
-from ragft.jsonl import ON_BAD_ROW
 from ragft.rag import check_templates
 
 
@@ -32,8 +31,6 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
     r, problems = job.raft, []
     if not Path(job.qa.path).is_file():
         problems.append(f"qa.path={job.qa.path} does not exist")
-    if job.qa.on_bad_row not in ON_BAD_ROW:
-        problems.append(f"qa.on_bad_row={job.qa.on_bad_row!r} must be one of {', '.join(ON_BAD_ROW)}")
     if job.index.path is None or not versions.is_index(job.index.path):
         problems.append(f"index.path={job.index.path} is not a ragft index (build it with `ragft index`)")
     for key in ("closed_book_fraction", "gold_fraction", "counterfactual_fraction", "fresh_fraction"):
@@ -44,8 +41,6 @@ def validate_raft(cfg: DictConfig) -> RaftSpec:
             problems.append(f"raft.{key}={getattr(r, key)} must be at least 1")
     if r.max_questions is not None and r.max_questions < 1:
         problems.append(f"raft.max_questions={r.max_questions} must be at least 1 (or null: every question)")
-    if r.gold_position not in ("retrieved", "random"):
-        problems.append(f"raft.gold_position={r.gold_position!r} must be retrieved or random")
     problems += check_retrieval(job.retrieval)
     problems += [p.replace("serve.rag.", "rag.") for p in check_templates(job.rag)]
     if problems:

@@ -33,7 +33,6 @@ from ragft.sweep.report import STATUS_FILE
 from ragft.train.loop import STOP_FILE
 from ragft.train.spec import TrainSpec, validate_train
 
-SCHEDULERS = ("fifo", "asha")
 STOPPED = "stopped early (asha)"  # the status sweep.md shows for a trial ASHA stopped
 # What a trial reserves besides its Train workers (which reserve their own): a sliver for the trial
 # function (data preparation, then waiting on the Train controller; Tune refuses zero), and 1 CPU for
@@ -74,11 +73,7 @@ def validate_trials(cfgs: Sequence[DictConfig], labels: Sequence[str], sweep: Sw
 
 
 def check_sweep(sweep: SweepConfig) -> list[str]:
-    problems = []
-    if sweep.mode not in ("min", "max"):
-        problems.append(f"sweep.mode={sweep.mode!r} must be min or max")
-    if sweep.scheduler not in SCHEDULERS:
-        problems.append(f"sweep.scheduler={sweep.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    problems = []  # sweep.mode and sweep.scheduler are Enums: compose refused any other value
     if sweep.max_concurrent < 1:
         problems.append(f"sweep.max_concurrent={sweep.max_concurrent} must be at least 1")
     if sweep.scheduler == "asha":
