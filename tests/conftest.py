@@ -8,7 +8,6 @@ it), and tests that change an index work on a copy of it.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,20 +15,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # tests/kernels run Triton kernels on CPU tensors in Triton's interpreter, which has to be on when triton is
-# first imported (transformers' Llama module imports it): import it here in that mode, then restore the
-# environment so subprocesses (Ray workers, engines) see none of it. ragft's kernels take their torch path
-# unless a test sets TRITON_INTERPRET=1 (tests/kernels/conftest.py).
-_interpret = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    importlib.import_module("triton.language")
-except ImportError:  # no triton: the kernel tests run their torch paths only
-    pass
-finally:
-    if _interpret is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _interpret
+# first imported (transformers' Llama module imports it): kernel_testing (kernels/tests, on pytest's pythonpath)
+# imports it in that mode and restores the environment, so subprocesses (Ray workers, engines) see none of it.
+# ragft's kernels take their torch path unless a test sets TRITON_INTERPRET=1 (tests/kernels/conftest.py).
+from kernel_testing import import_triton_interpreted  # noqa: E402
+
+import_triton_interpreted()
 
 import json
 import shutil
