@@ -6,6 +6,7 @@
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
   ragft eval   → ragft.eval.spec.validate_eval → ragft.eval.run.run_eval → report.{json,md,png} + registry
   ragft data raft → ragft.raft.job.validate_raft → run_raft → RAFT chat rows (JSONL)
+  ragft export → ragft.export.spec.validate_export → ragft.export.write.run_export → one merged model folder
   ragft demo   → ragft.demo.run_demo: train → index → RAFT → eval on the original and the updated corpus
   ragft registry list [registry.path=...] → ragft.registry.table
 Exit codes (ragft/exit_codes.py): 0 done; 2 bad config or bad input (nothing started); 1 the job failed;
@@ -24,7 +25,7 @@ from ragft.config.compose import CONF_PATH, register_resolvers
 from ragft.config.schema import register_configs
 from ragft.exit_codes import run_command
 
-COMMANDS = ("train", "index", "search", "serve", "eval", "data", "demo", "registry")
+COMMANDS = ("train", "index", "search", "serve", "eval", "data", "demo", "export", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
 
@@ -118,6 +119,18 @@ def data_raft(cfg: DictConfig) -> None:
     _run("data raft", body, cfg.out_dir, "\n  (qa.on_bad_row=skip skips bad rows and counts them)")
 
 
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
+def export(cfg: DictConfig) -> None:
+    def body() -> None:
+        from ragft.export.spec import validate_export
+        from ragft.export.write import run_export
+
+        exported = run_export(validate_export(cfg))
+        print(f"ragft export: wrote {exported.path}", flush=True)
+
+    _run("export", body, "stdout")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="demo")
 def demo(cfg: DictConfig) -> None:
     def body() -> None:
@@ -174,7 +187,7 @@ def main() -> None:
     register_configs()
     register_resolvers()
     app = {"train": train, "index": index, "search": search, "serve": serve, "eval": eval_, "data raft": data_raft,
-           "demo": demo}[command]
+           "demo": demo, "export": export}[command]
     try:
         app()
     except SystemExit as exit_:

@@ -16,6 +16,7 @@ One module per command, plus the sections several of them share:
 | `serve.py` | `ragft serve` (conf/serve.yaml): deployments, batching, RAG prompt, vLLM, `ServeJobConfig` |
 | `eval.py` | `ragft data raft` (conf/raft.yaml) and `ragft eval` (conf/eval.yaml): questions, RAFT, eval |
 | `demo.py` | `ragft demo` (conf/demo.yaml): recipes, `DemoJobConfig` |
+| `export.py` | `ragft export` (conf/export.yaml): format, dtype, `ExportJobConfig` |
 | `choices.py` | the closed choices (Enums whose members are their own string values) |
 
 Every class is importable from here (`from ragft.config.schema import X`), and `register_configs` stores
@@ -28,6 +29,7 @@ from hydra.core.config_store import ConfigStore
 
 from ragft.config.schema.common import ClusterConfig, ModelConfig, RegistryConfig, TrackingConfig
 from ragft.config.schema.demo import DemoJobConfig, DemoRecipe
+from ragft.config.schema.export import ExportConfig, ExportJobConfig
 from ragft.config.schema.eval import EvalConfig, EvalJobConfig, QuestionsConfig, RaftConfig, RaftJobConfig
 from ragft.config.schema.index import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
 from ragft.config.schema.serve import (BatchConfig, DeploymentConfig, RagConfig, ServeConfig, ServeJobConfig,
@@ -49,6 +51,8 @@ __all__ = [
     "EvalConfig", "EvalJobConfig", "QuestionsConfig", "RaftConfig", "RaftJobConfig",
     # demo
     "DemoJobConfig", "DemoRecipe",
+    # export
+    "ExportConfig", "ExportJobConfig",
 ]
 
 
@@ -60,3 +64,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="raft_schema", node=RaftJobConfig)
     ConfigStore.instance().store(name="eval_schema", node=EvalJobConfig)
     ConfigStore.instance().store(name="demo_schema", node=DemoJobConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportJobConfig)

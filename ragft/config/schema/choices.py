@@ -123,6 +123,11 @@ class Engine(Choice):
     vllm = "vllm"
 
 
+class ExportFormat(Choice):
+    safetensors = "safetensors"  # an HF model folder: transformers, vLLM, TGI, SGLang
+    gguf = "gguf"  # one llama.cpp file (llama-architecture models): llama.cpp, Ollama, transformers' GGUF loader
+
+
 class GoldPosition(Choice):
     retrieved = "retrieved"
     random = "random"
