@@ -8,14 +8,16 @@ continuous `Batch` that requests join at any step (what the TextGenerator deploy
 
 Two engines implement it: `ragft.generate.transformers_engine` (ragft's own decode loop over the
 transformers KV cache, `serve.engine=transformers`) and `ragft.generate.vllm_engine` (vLLM's). The helpers
-here (`check_request`, `check_logprobs_request`, `model_names`, `stop_token_ids`) are what both share,
-so a request is refused, and a completion ends, the same way whichever engine runs it.
+here (`check_request`, `check_logprobs_request`, `model_names`, `stop_token_ids`, `RuntimeAdapters`) are what
+both share, so a request is refused, a completion ends and an adapter loaded at runtime is evicted the same way
+whichever engine runs it.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -66,6 +68,10 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+class UnknownModelError(ValueError):
+    """A request named a model this engine does not serve (never loaded, or unloaded): a 404 over HTTP."""
 
 
 class Batch(abc.ABC):
@@ -119,6 +125,21 @@ class Engine(abc.ABC):
         this step, None for the others. Every request gets exactly one Delta with finish_reason set and none
         after it; the iterator ends when all requests have finished."""
 
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        """Serve the LoRA adapter at `path` as `name` from now on, next to the running requests (a runtime-loaded
+        `name` is replaced); the names evicted to stay within the engine's cap. ValueError if it cannot."""
+        raise ValueError(f"{type(self).__name__} cannot load adapters at runtime")
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving the runtime-loaded adapter `name`: new requests for it are refused at once, the running
+        ones finish on it, and its weights are freed after them. KeyError if no runtime-loaded adapter has it."""
+        raise KeyError(name)
+
+    @property
+    def runtime_adapters(self) -> dict[str, str]:
+        """The adapters loaded with `load_adapter` and not unloaded, {name: path}, least recently used first."""
+        return {}
+
 
 def model_names(base_name: Optional[str], adapters: dict[str, str], full_models: dict[str, str]) -> list[str]:
     names = ([base_name] if base_name is not None else []) + list(adapters) + list(full_models)
@@ -134,7 +155,7 @@ def check_request(engine: Engine, request: GenerationRequest) -> None:
     """Raise ValueError if `engine` cannot serve `request`: what every engine checks before any compute."""
     where, params, prompt = f"request {request.request_id!r}", request.params, request.prompt_ids
     if request.model not in engine.models:
-        raise ValueError(f"{where}: unknown model {request.model!r}; this engine serves {', '.join(engine.models)}")
+        raise UnknownModelError(f"{where}: unknown model {request.model!r}; this engine serves {', '.join(engine.models)}")
     if not prompt:
         raise ValueError(f"{where}: the prompt is empty; at least one token is needed")
     if len(prompt) >= engine.context_length:
@@ -155,7 +176,7 @@ def check_request(engine: Engine, request: GenerationRequest) -> None:
 def check_logprobs_request(engine: Engine, model: str, token_ids: Sequence[int], start: int) -> None:
     """Raise ValueError if `engine` cannot score `token_ids[start:]` on `model` (`Engine.token_logprobs`)."""
     if model not in engine.models:
-        raise ValueError(f"unknown model {model!r}; this engine serves {', '.join(engine.models)}")
+        raise UnknownModelError(f"unknown model {model!r}; this engine serves {', '.join(engine.models)}")
     if not 1 <= start <= len(token_ids) <= engine.context_length:
         raise ValueError(f"token_logprobs: need 1 <= start ({start}) <= length ({len(token_ids)}) <= the "
                          f"model's context ({engine.context_length})")
@@ -173,3 +194,35 @@ def stop_token_ids(tokenizer, generation_configs: Sequence) -> frozenset[int]:
     if tokenizer.chat_template == CHAT_TEMPLATE:
         ids.add(tokenizer.convert_tokens_to_ids(END_OF_TURN))
     return frozenset(i for i in ids if i is not None)
+
+
+class RuntimeAdapters:
+    """The adapters an engine loaded at runtime, least recently used first, at most `cap` of them: which to evict
+    when one more loads (only these: the adapters an engine started with stay)."""
+
+    def __init__(self, cap: int):
+        if cap < 0:
+            raise ValueError(f"the cap on runtime-loaded adapters must be at least 0, got {cap}")
+        self.cap = cap
+        self.paths: OrderedDict[str, str] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.paths
+
+    def used(self, name: str) -> None:
+        if name in self.paths:
+            self.paths.move_to_end(name)
+
+    def add(self, name: str, path: str) -> list[str]:
+        """Record `name` as the most recently used; the least recently used names to evict to stay within the cap."""
+        if self.cap < 1:
+            raise ValueError("this engine loads no adapters at runtime (serve.max_adapters=0)")
+        self.paths[name] = path
+        self.paths.move_to_end(name)
+        evicted = list(self.paths)[:max(0, len(self.paths) - self.cap)]
+        for old in evicted:
+            del self.paths[old]
+        return evicted
+
+    def remove(self, name: str) -> None:
+        del self.paths[name]

@@ -24,6 +24,12 @@ decode on one set of weights and their shared KV cache), `ragft.generate.samplin
   on decoding. Letting a whole burst of long prompts join at once stalls every running stream for
   the whole burst (launch/bench_serve.py --engine measures it: docs/benchmarks.md).
 
+- Adapters at runtime. `load_adapter` adds a LoRA adapter to the shared base (PEFT `load_adapter`) under the
+  engine lock, so between two decode steps: running requests go on at the next step, on their own weights.
+  `unload_adapter` removes the name at once (new requests for it are refused) and deletes the weights at the
+  end of the first step after which no request, running or waiting, uses them. At most `max_adapters` are
+  loaded this way; one more evicts the least recently used of them (never an adapter the engine started with).
+
 Steps may run on a different thread each time (the TextGenerator deployment runs each in
 `asyncio.to_thread`). Grad mode is thread-local, so inference mode is entered inside each step
 rather than around the loop, and a lock keeps two batches' steps from running at once on the
@@ -32,8 +38,10 @@ shared PEFT model.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -44,8 +52,8 @@ from transformers.cache_utils import DynamicLayer
 from ragft.model.build import load_tokenizer
 from ragft.generate.decode_group import DecodeGroup, DecodingSequence, ModelWeights
 from ragft.generate.detokenize import IncrementalDetokenizer
-from ragft.generate.engine import (Batch, Delta, Engine, GenerationRequest, TokenLogprob, check_logprobs_request,
-    check_request, model_names, stop_token_ids)
+from ragft.generate.engine import (Batch, Delta, Engine, GenerationRequest, RuntimeAdapters, TokenLogprob,
+    UnknownModelError, check_logprobs_request, check_request, model_names, stop_token_ids)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 LOGPROB_CHUNK = 256  # positions projected onto the vocabulary at once when scoring a sequence
@@ -53,6 +61,7 @@ LOGPROB_CHUNK = 256  # positions projected onto the vocabulary at once when scor
 # prefills, and fewer prompts are padded to the longest one; higher: a burst joins in fewer steps (and cache
 # merges), which a GPU prefills about as fast in one forward. launch/bench_serve.py measures it (docs/benchmarks.md).
 MAX_PREFILL_TOKENS = 2048  # about 7 RAG prompts of 300 tokens
+MAX_ADAPTERS = 8  # adapters loaded at runtime (serve.max_adapters): each costs only its low-rank matrices
 
 
 class TransformersEngine(Engine):
@@ -60,7 +69,8 @@ class TransformersEngine(Engine):
 
     def __init__(self, base_path: str, *, base_name: Optional[str] = "base", adapters: Optional[dict[str, str]] = None,
                  full_models: Optional[dict[str, str]] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 attn_implementation: str = "sdpa", max_prefill_tokens: Optional[int] = MAX_PREFILL_TOKENS):
+                 attn_implementation: str = "sdpa", max_prefill_tokens: Optional[int] = MAX_PREFILL_TOKENS,
+                 max_adapters: int = MAX_ADAPTERS):
         adapters, full_models = dict(adapters or {}), dict(full_models or {})
         self.models = model_names(base_name, adapters, full_models)
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
@@ -75,6 +85,11 @@ class TransformersEngine(Engine):
         self.vocab_size: int = config.vocab_size
         # name -> (weights, PEFT adapter name or None)
         self._routes: dict[str, tuple[ModelWeights, Optional[str]]] = {}
+        self._shared: Optional[ModelWeights] = None  # the base that adapters sit on (None: full fine-tunes only)
+        self._runtime = RuntimeAdapters(max_adapters)
+        self._adapter_ids = itertools.count(len(adapters))  # PEFT names adapter<i>; never reused
+        self._retiring: set[str] = set()  # PEFT names of unloaded adapters, deleted once no request uses them
+        self._batches: weakref.WeakSet = weakref.WeakSet()  # open batches: what they hold keeps weights alive
         if base_name is not None or adapters:
             self._load_shared(base_path, base_name, adapters)
         for name, path in full_models.items():
@@ -99,7 +114,11 @@ class TransformersEngine(Engine):
     def _load_shared(self, base_path: str, base_name: Optional[str], adapters: dict[str, str]) -> None:
         base = self._load(base_path)
         if not adapters:
-            self._routes[base_name] = (self._weights(base, mixed=False), None)
+            # The base's requests name BASE_ADAPTER even unmixed (ignored then): once an adapter loads at runtime
+            # these weights become mixed in place, and requests already running go on as base rows.
+            self._shared = self._weights(base, mixed=False)
+            if base_name is not None:
+                self._routes[base_name] = (self._shared, BASE_ADAPTER)
             return
         from peft import PeftModel
 
@@ -110,7 +129,7 @@ class TransformersEngine(Engine):
         for name, path in rest:
             model.load_adapter(path, adapter_name=internal[name])
         model.eval()
-        weights = self._weights(model, mixed=True)
+        weights = self._shared = self._weights(model, mixed=True)
         if base_name is not None:
             self._routes[base_name] = (weights, BASE_ADAPTER)
         for name in adapters:
@@ -121,16 +140,85 @@ class TransformersEngine(Engine):
         sequences = [self._sequence(i, request) for i, request in enumerate(requests)]
         return self._run(sequences, len(requests))
 
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        if name in self._routes and name not in self._runtime:
+            raise ValueError(f"{name!r} is served since start-up; an adapter loaded at runtime needs another name")
+        if self._shared is None:
+            raise ValueError("this engine serves full fine-tunes only: no base model to load an adapter onto")
+        from peft import PeftModel
+
+        with self._lock:  # between two decode steps
+            internal = f"adapter{next(self._adapter_ids)}"
+            weights = self._shared
+            if weights.mixed:
+                weights.module.load_adapter(path, adapter_name=internal)
+            else:
+                weights.module = PeftModel.from_pretrained(weights.module, path, adapter_name=internal).eval()
+                weights.mixed = True
+            replaced = self._routes.get(name)
+            self._routes[name] = (weights, internal)
+            if replaced is not None:
+                self._retiring.add(replaced[1])
+            elif name not in self.models:
+                self.models.append(name)
+            evicted = self._runtime.add(name, path)
+            for old in evicted:
+                self._retire(old)
+            self._drop_unused()
+        return evicted
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._runtime:
+                raise KeyError(name)
+            self._runtime.remove(name)
+            self._retire(name)
+            self._drop_unused()
+
+    @property
+    def runtime_adapters(self) -> dict[str, str]:
+        return dict(self._runtime.paths)
+
+    @property
+    def peft_adapters(self) -> list[str]:
+        """PEFT's names of the adapters on the shared base: those served, and unloaded ones until freed."""
+        return list(self._shared.module.peft_config) if self._shared is not None and self._shared.mixed else []
+
+    def _retire(self, name: str) -> None:
+        """Refuse new requests for `name` from now on; its weights go once no request uses them (lock held)."""
+        if name in self.models:
+            self.models.remove(name)
+        _, internal = self._routes.pop(name)
+        self._retiring.add(internal)
+
+    def _drop_unused(self) -> None:
+        """Delete the retired adapters no open batch uses any more (lock held). PEFT needs one adapter left on a
+        PeftModel, so the last one stays loaded, unused, until another replaces it."""
+        if not self._retiring:
+            return
+        in_use = set().union(*(batch.adapters_in_use() for batch in list(self._batches)))
+        module = self._shared.module
+        for internal in sorted(self._retiring - in_use):
+            if len(module.peft_config) > 1:
+                module.delete_adapter(internal)
+                self._retiring.discard(internal)
+
     def _sequence(self, key, request: GenerationRequest) -> DecodingSequence:
         check_request(self, request)
-        weights, adapter = self._routes[request.model]
+        route = self._routes.get(request.model)
+        if route is None:  # unloaded since check_request looked
+            raise UnknownModelError(f"request {request.request_id!r}: model {request.model!r} was just unloaded")
+        self._runtime.used(request.model)
+        weights, adapter = route
         limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, lstrip=request.params.lstrip)
         return DecodingSequence(key, request, weights, adapter, limit, detok, self.stop_token_ids, self.device)
 
     def open_batch(self, max_rows: Optional[int] = None) -> RunningBatch:
         """A batch that requests join between steps (continuous batching); see `RunningBatch`."""
-        return RunningBatch(self, max_rows)
+        batch = RunningBatch(self, max_rows)
+        self._batches.add(batch)
+        return batch
 
     @torch.inference_mode()
     def score(self, model: str, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
@@ -249,6 +337,12 @@ class RunningBatch(Batch):
         with self._pending_lock:
             self._pending.extend(sequences)
 
+    def adapters_in_use(self) -> set[str]:
+        """PEFT names of the adapters the waiting and running requests decode on."""
+        with self._pending_lock:
+            used = {seq.adapter for seq in self._pending}
+        return used.union(*({seq.adapter for seq in g.sequences} for g in self._groups.values()))
+
     @property
     def running(self) -> int:
         return sum(len(g.sequences) for g in self._groups.values())
@@ -277,6 +371,7 @@ class RunningBatch(Batch):
                     self.queue(sequences)  # caches that cannot be merged: wait until the group drains
                     continue
                 group.prefill_and_join(sequences, now, out)
+            engine._drop_unused()
         return out
 
     def _take_pending(self) -> list[DecodingSequence]:

@@ -534,3 +534,82 @@ def test_max_rows_one_serves_requests_one_after_another(engine, ref):
     assert order == ["r0", "r1", "r2"]
     for request in requests:
         assert_matches(engine, ref, request, results[request.request_id])
+
+
+# --- adapters loaded and unloaded at runtime
+
+
+def step_all(batch, results: dict[str, Result], steps: int | None = None) -> None:
+    """Step `batch` (`steps` times, or until idle), collecting each key's text."""
+    done = 0
+    while batch.busy and (steps is None or done < steps):
+        for key, delta in batch.step().items():
+            result = results.setdefault(key, Result())
+            assert result.finish_reason is None, f"{key}: a Delta after its final one"
+            result.text += delta.text
+            result.tokens, result.finish_reason = delta.completion_tokens, delta.finish_reason
+        done += 1
+
+
+def want_text(engine, ref, model: str, prompt, n: int) -> tuple[str, int]:
+    ids = ref.ids(model, prompt, n)
+    return engine.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+
+
+@pytest.mark.parametrize("start_adapters", [{"a"}, set()], ids=["peft-base", "plain-base"])
+def test_adapter_loaded_mid_batch_serves_and_running_rows_go_on(engine_models, engine, ref, start_adapters):
+    """A load between two steps: rows already decoding (base, and adapter a when the engine started with it)
+    finish exactly as alone, and the new name answers as PEFT does; on a base started without adapters the
+    load turns it into a PEFT model in place."""
+    live = TransformersEngine(str(engine_models.base), adapters={n: str(engine_models.a) for n in start_adapters})
+    batch = live.open_batch()
+    prompts = [encode(live, p) for p in PROMPTS[:3]]
+    running = [("base", prompts[0])] + [("a", prompts[1])] * bool(start_adapters)
+    for i, (model, prompt) in enumerate(running):
+        batch.add(f"old{i}", greedy(f"old{i}", model, prompt, 16))
+    results: dict[str, Result] = {}
+    step_all(batch, results, steps=3)
+    assert live.load_adapter("late", str(engine_models.b)) == []
+    assert "late" in live.models and live.runtime_adapters == {"late": str(engine_models.b)}
+    batch.add("new", greedy("new", "late", prompts[2], 12))
+    step_all(batch, results)
+    for i, (model, prompt) in enumerate(running):
+        assert (results[f"old{i}"].text, results[f"old{i}"].tokens) == want_text(live, ref, model, prompt, 16)
+    assert (results["new"].text, results["new"].tokens) == want_text(live, ref, "b.v2", prompts[2], 12)
+
+
+def test_unloaded_adapter_finishes_running_rows_then_refuses_and_frees(engine_models, engine, ref):
+    live = TransformersEngine(str(engine_models.base), adapters={"a": str(engine_models.a)})
+    live.load_adapter("late", str(engine_models.b))
+    before = set(live.peft_adapters)
+    batch = live.open_batch()
+    prompt = encode(live, PROMPTS[2])
+    batch.add("r", greedy("r", "late", prompt, 12))
+    results: dict[str, Result] = {}
+    step_all(batch, results, steps=2)
+    live.unload_adapter("late")
+    assert "late" not in live.models and live.runtime_adapters == {}
+    with pytest.raises(ValueError, match="unknown model 'late'"):
+        batch.add("after", greedy("after", "late", prompt, 4))
+    assert set(live.peft_adapters) == before  # still decoding "r"
+    step_all(batch, results)
+    assert (results["r"].text, results["r"].tokens) == want_text(live, ref, "b.v2", prompt, 12)
+    assert len(live.peft_adapters) == len(before) - 1  # freed at the step "r" ended
+    with pytest.raises(KeyError):
+        live.unload_adapter("a")  # loaded at start-up: stays
+
+
+def test_runtime_adapters_are_capped_least_recently_used_first(engine_models, engine):
+    live = TransformersEngine(str(engine_models.base), adapters={"a": str(engine_models.a)}, max_adapters=2)
+    a, b = str(engine_models.a), str(engine_models.b)
+    assert live.load_adapter("x", a) == [] and live.load_adapter("y", b) == []
+    run(live, [greedy("use-x", "x", (5, 6, 7), 2)])  # x is now the most recently used
+    assert live.load_adapter("z", a) == ["y"]
+    assert set(live.runtime_adapters) == {"x", "z"} and "y" not in live.models and "a" in live.models
+    assert live.load_adapter("z", b) == []  # the same name again replaces it
+    assert live.runtime_adapters["z"] == b
+    with pytest.raises(ValueError, match="served since start-up"):
+        live.load_adapter("a", b)
+    capless = TransformersEngine(str(engine_models.base), max_adapters=0)
+    with pytest.raises(ValueError, match="max_adapters=0"):
+        capless.load_adapter("x", a)
