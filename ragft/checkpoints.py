@@ -22,8 +22,9 @@ from ragft import registry
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_DIR = "deepspeed"
+FSDP_DIR = "fsdp"  # strategy=fsdp2's sharded state (torch.distributed.checkpoint)
 RNG_DIR = "rng"
-RESUME_ONLY = (DEEPSPEED_DIR + "/", RNG_DIR + "/", TRAINER_STATE)  # what serving and evaluation never read
+RESUME_ONLY = (DEEPSPEED_DIR + "/", FSDP_DIR + "/", RNG_DIR + "/", TRAINER_STATE)  # what serving and evaluation never read
 ADAPTER_CONFIG = "adapter_config.json"
 
 

@@ -2,7 +2,8 @@
 
 Layout of `<out_dir>/checkpoints/<step>/`:
   model.safetensors + config.json (full) or adapter_model.safetensors + adapter_config.json (LoRA),
-  tokenizer files, `deepspeed/` (engine state for resume), `rng/rank-<r>.pt` (each rank's RNG streams),
+  tokenizer files, `deepspeed/` (engine state for resume; `fsdp/` under strategy=fsdp2, see ragft.train.fsdp2),
+  `rng/rank-<r>.pt` (each rank's RNG streams),
   `trainer_state.json` (step, epoch, micro-batches consumed), `manifest.json` (sha256 of every file).
 
 All ranks write into `.tmp-<step>` (DeepSpeed's state is sharded) and hash the files they wrote,
@@ -28,13 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ragft.checkpoints import (DEEPSPEED_DIR, MANIFEST, RNG_DIR, TRAINER_STATE, best_by_eval_loss,
+from ragft.checkpoints import (DEEPSPEED_DIR, FSDP_DIR, MANIFEST, RNG_DIR, TRAINER_STATE, best_by_eval_loss,
                                complete_checkpoints, read_manifest, sha256_file, verify)
 from ragft.jsonl import sync_folder, write_text_atomic
+from ragft.train import fsdp2
 
 DEEPSPEED_TAG = "state"
-# Files DeepSpeed (zero_pp_rank_<r>_...) or ragft (rng/rank-<r>.pt) write once per rank; the rest are rank 0's.
-_RANK_OF_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
+# Files DeepSpeed (zero_pp_rank_<r>_...), torch.distributed.checkpoint (__<r>_0.distcp) or ragft (rng/rank-<r>.pt)
+# write once per rank; the rest are rank 0's.
+_RANK_OF_FILE = re.compile(r"(?:zero_pp_rank_|^__|rank-)(\d+)[_.]")
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,19 @@ def save(engine, model, tokenizer, spec, step: int, metrics: dict, trainer_state
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    with adapter_module_state(engine, spec):
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=trainer_state,
-                               exclude_frozen_parameters=spec.is_adapter)
+    fsdp = spec.strategy.backend == "fsdp2"
+    if fsdp:
+        fsdp2.save_state(engine, tmp / FSDP_DIR, trainer_state, trainable_only=spec.is_adapter, is_rank0=is_rank0)
+    else:
+        with adapter_module_state(engine, spec):
+            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=trainer_state,
+                                   exclude_frozen_parameters=spec.is_adapter)
     save_rng_state(tmp, rank)
-    weights = gathered_state_dict(model, trainable_only=spec.is_adapter, zero3=spec.strategy.zero_stage == 3,
-                                  is_rank0=is_rank0)
+    if fsdp:
+        weights = fsdp2.full_state_dict(model, trainable_only=spec.is_adapter, is_rank0=is_rank0)
+    else:
+        weights = gathered_state_dict(model, trainable_only=spec.is_adapter, zero3=spec.strategy.zero_stage == 3,
+                                      is_rank0=is_rank0)
     dist.barrier()  # every rank's files are on disk: each knows which are its own
     if is_rank0:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
@@ -141,7 +151,10 @@ def adapter_module_state(engine, spec):
 
 
 def load_engine_state(engine, folder: Path, spec) -> dict:
-    """Load the DeepSpeed state of checkpoint `folder` into `engine` (collective); returns the trainer state."""
+    """Load the DeepSpeed (or FSDP2) state of checkpoint `folder` into `engine` (collective); returns the trainer
+    state."""
+    if spec.strategy.backend == "fsdp2":
+        return fsdp2.load_state(engine, folder / FSDP_DIR, trainable_only=spec.is_adapter)
     # An adapter's state holds no frozen weights (adapter_module_state): those stay as loaded from the base.
     _, state = engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                       load_module_strict=not spec.is_adapter)

@@ -30,7 +30,7 @@ from ragft.data.shard import ShardBatches
 from ragft.data.tokenize import IGNORE_INDEX
 from ragft.jsonl import append_jsonl, read_records, write_jsonl
 from ragft.model.build import load_model, load_tokenizer
-from ragft.train import checkpoint
+from ragft.train import checkpoint, fsdp2
 from ragft.train.deepspeed_config import render, warmup_cosine
 from ragft.train.flops import flops_per_token, peak_flops_per_device
 from ragft.train.loss import causal_lm_loss
@@ -184,20 +184,26 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
 
 
 def _start_engine(spec: TrainSpec):
-    """The model on its DeepSpeed engine, with optimizer and schedule; (engine, tokenizer, throughput meter)."""
-    import deepspeed
-
+    """The model on its DeepSpeed engine, or FSDP2's (strategy.backend=fsdp2), with optimizer and schedule;
+    (engine, tokenizer, throughput meter)."""
     tokenizer = load_tokenizer(spec.tokenizer_path)
-    # bf16 weights on GPUs (DeepSpeed keeps fp32 master copies); on CPUs fp32 weights under bf16 autocast
-    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.cluster.use_gpu else torch.float32
+    fsdp = spec.strategy.backend == "fsdp2"
+    # bf16 weights on GPUs (DeepSpeed keeps fp32 master copies; FSDP2 keeps fp32 shards and gathers bf16 copies);
+    # on CPUs fp32 weights under bf16 autocast
+    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.cluster.use_gpu and not fsdp else torch.float32
     model = load_model(spec.base_model_path, spec.model, spec.method, dtype, use_cuda=spec.cluster.use_gpu)
     throughput = Throughput(flops_per_token(model, spec.is_adapter),
                             peak_flops_per_device(spec.cluster.peak_tflops, spec.cluster.use_gpu), spec.world_size)
+    schedule = warmup_cosine(spec.plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio)
+    if fsdp:
+        return fsdp2.build_engine(model, spec, _device(spec), schedule), tokenizer, throughput
+    import deepspeed
+
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=render(spec),
-        lr_scheduler=warmup_cosine(spec.plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio),
+        lr_scheduler=schedule,
     )
     return engine, tokenizer, throughput
 

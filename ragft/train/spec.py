@@ -109,6 +109,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
                         remote_gpus=job.cluster.name in ("ray", "slurm") and job.cluster.use_gpu)
     grad_accum, problems = check_batch(job.train, job.cluster)
     problems += check_method(job.method, job.strategy, job.cluster, hardware)
+    problems += check_backend(job.strategy, job.method, job.train)
     problems += check_data(job.data)
     model, model_problems = check_model_and_kernels(job, hardware)
     problems += model_problems
@@ -166,6 +167,25 @@ def check_method(method: MethodConfig, strategy: StrategyConfig, cluster: Cluste
         problems.append("strategy.offload_optimizer needs ZeRO stage 1, 2 or 3")
     if strategy.precision == "bf16" and cluster.use_gpu and not (cuda_has_bf16() or hardware.remote_gpus):
         problems.append("strategy.precision=bf16 needs a GPU with bf16 support (Ampere or newer); use auto or fp32")
+    return problems
+
+
+def check_backend(strategy: StrategyConfig, method: MethodConfig, train: LoopConfig) -> list[str]:
+    """What the chosen sharding backend (DeepSpeed or FSDP2) cannot do; each knob names the backend it needs."""
+    problems = []
+    if strategy.backend == "fsdp2":
+        if method.name == "qlora":
+            problems.append("method=qlora cannot be combined with strategy=fsdp2 (fully_shard cannot shard "
+                            "bitsandbytes 4-bit weights); use strategy=zero2 or ddp")
+        for knob in ("offload_optimizer", "offload_params"):
+            if getattr(strategy, knob):
+                problems.append(f"strategy.{knob} is DeepSpeed's; under strategy=fsdp2 use strategy.cpu_offload=true")
+    else:
+        if strategy.cpu_offload:
+            problems.append(f"strategy.cpu_offload is FSDP2's (strategy={strategy.name} runs DeepSpeed): use "
+                            "strategy=zero3_offload, or strategy=fsdp2 strategy.cpu_offload=true")
+        if train.compile:
+            problems.append(f"train.compile=true needs strategy=fsdp2 (strategy={strategy.name} runs DeepSpeed)")
     return problems
 
 

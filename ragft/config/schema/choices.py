@@ -59,6 +59,11 @@ class MethodName(Choice):
     qlora = "qlora"
 
 
+class Backend(Choice):
+    deepspeed = "deepspeed"
+    fsdp2 = "fsdp2"
+
+
 class QuantType(Choice):
     nf4 = "nf4"
     fp4 = "fp4"

@@ -10,7 +10,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ragft.config.schema.choices import DataFormat, Direction, MethodName, OnBadRow, Precision, QuantType, Scheduler
+from ragft.config.schema.choices import (Backend, DataFormat, Direction, MethodName, OnBadRow, Precision, QuantType,
+                                         Scheduler)
 from ragft.config.schema.common import ClusterConfig, ModelConfig, RegistryConfig, TrackingConfig
 
 
@@ -30,12 +31,16 @@ class MethodConfig:
 
 @dataclass
 class StrategyConfig:
-    """How the work is sharded: rendered into a DeepSpeed config by ragft.train.deepspeed_config."""
+    """How the work is sharded: by DeepSpeed (rendered into its config by ragft.train.deepspeed_config) or by
+    PyTorch FSDP2 (ragft.train.fsdp2)."""
 
-    name: str = "zero2"  # ddp | zero1 | zero2 | zero3 | zero3_offload
-    zero_stage: int = 2  # 0 = plain data parallel (ddp)
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    name: str = "zero2"  # ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2
+    backend: Backend = Backend.deepspeed
+    zero_stage: int = 2  # 0 = plain data parallel (ddp); DeepSpeed only
+    offload_optimizer: bool = False  # DeepSpeed only
+    offload_params: bool = False  # DeepSpeed only
+    # FSDP2 only: weight shards, gradients and the AdamW step in host memory (fits larger models, slower steps)
+    cpu_offload: bool = False
     # auto: bf16 where the device multiplies it natively (Ampere+ GPUs; CPUs with AMX or AVX-512 BF16), else
     # fp32. On GPUs DeepSpeed keeps bf16 weights with fp32 master copies; on CPUs the weights and gradients
     # stay fp32 (gloo reduces them) and the forward pass runs under bf16 autocast.
@@ -91,6 +96,8 @@ class LoopConfig:
     eval_max_batches: int = 20  # per worker; bounds the time one eval pass takes
     save_every: int = 100
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    # torch.compile each decoder layer (strategy=fsdp2 only): faster steps after a compile at start-up
+    compile: bool = False
 
 
 @dataclass
