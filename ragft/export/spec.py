@@ -65,7 +65,9 @@ def validate_export(cfg: DictConfig) -> ExportSpec:
         problems += reads_from_out_dir(out_dir, [Path(resolved), Path(base)] if Path(base).is_dir() else
                                        [Path(resolved)])
         if job.export.format == "gguf":
-            problems += check_gguf(Path(resolved) if served.kind == "full" else Path(base))
+            own_tokenizer = (Path(resolved) / "tokenizer.json").is_file()
+            problems += check_gguf(Path(resolved) if served.kind == "full" else Path(base),
+                                   Path(resolved) if own_tokenizer else Path(base))
     if problems:
         raise ConfigError(problems)
     return ExportSpec(checkpoint=resolved, kind=served.kind, base=base, run_id=served.run_id, step=served.step,
@@ -82,14 +84,27 @@ def reads_from_out_dir(out_dir: Path, sources: list[Path]) -> list[str]:
     return problems
 
 
-def check_gguf(model_folder: Path) -> list[str]:
-    """What export.format=gguf cannot write: an architecture ragft.export.gguf does not map."""
+def check_gguf(model_folder: Path, tokenizer_folder: Path) -> list[str]:
+    """What export.format=gguf cannot write (ragft.export.gguf): another architecture than llama, RoPE scaling,
+    a tokenizer that is not byte-level BPE (sentencepiece vocabularies need scores this writer does not take)."""
     try:
         config = json.loads((model_folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         return [f"export.format=gguf: cannot read the model's config.json in {model_folder}: {err}"]
+    problems = []
     model_type = config.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
-        return [f"export.format=gguf writes {', '.join(GGUF_ARCHITECTURES)} models; {model_folder} is {model_type} "
-                f"(export.format=safetensors works for every model)"]
-    return []
+        problems.append(f"export.format=gguf writes {', '.join(GGUF_ARCHITECTURES)} models; {model_folder} is "
+                        f"{model_type} (export.format=safetensors works for every model)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"export.format=gguf: RoPE scaling ({rope.get('rope_type', rope.get('type'))}) is not "
+                        f"written; use export.format=safetensors")
+    try:
+        state = json.loads((tokenizer_folder / "tokenizer.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return problems + [f"export.format=gguf needs a fast tokenizer (tokenizer.json) in {tokenizer_folder}"]
+    if state.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(state.get("pre_tokenizer")):
+        problems.append(f"export.format=gguf writes byte-level BPE tokenizers (GPT-2 style); the one in "
+                        f"{tokenizer_folder} is not: use export.format=safetensors")
+    return problems

@@ -149,3 +149,45 @@ def test_a_model_that_is_no_checkpoint_or_an_out_dir_inside_the_checkpoint_is_re
         validate_export(compose_config("export", [f"checkpoint={serve_models.alpha}",
                                                   f"out_dir={serve_models.alpha / 'merged'}"]))
     assert "overlaps" in str(err.value)
+
+
+# GGUF (export.format=gguf): read back through transformers' GGUF loader, which undoes the Q/K permutation and
+# rebuilds the tokenizer from the file's metadata.
+
+def test_a_gguf_export_reads_back_with_the_logits_and_tokenizer_of_base_plus_adapter(serve_models, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "merged-gguf"
+    export(serve_models.alpha, out, "export.format=gguf")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "merged-gguf.gguf"] and verify(out) == []
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="merged-gguf.gguf", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(serve_models.base, dtype=torch.float32)
+    reference = logits(PeftModel.from_pretrained(base, serve_models.alpha).eval())
+    assert (logits(loaded) - reference).abs().max().item() <= LOGIT_TOL
+
+    ours = AutoTokenizer.from_pretrained(out, gguf_file="merged-gguf.gguf")
+    theirs = AutoTokenizer.from_pretrained(serve_models.alpha)
+    for text in ("The ferry Kinand carries 105 passengers.", "  Two  spaces\n\nand lines ", "<|user|>\n Who?<|end|>"):
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who?"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_a_bf16_gguf_holds_the_weights_of_the_bf16_safetensors_export(full_checkpoint, tmp_path):
+    export(full_checkpoint, tmp_path / "st", "export.dtype=bfloat16")
+    export(full_checkpoint, tmp_path / "gg", "export.dtype=bfloat16", "export.format=gguf")
+    safetensors = AutoModelForCausalLM.from_pretrained(tmp_path / "st").state_dict()
+    gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "gg", gguf_file="gg.gguf", dtype=torch.float32).state_dict()
+    assert set(gguf) == set(safetensors)
+    assert all(torch.equal(gguf[k], safetensors[k].float()) for k in safetensors)
+
+
+def test_gguf_refuses_what_its_writer_does_not_map(tmp_path):
+    from ragft.export.spec import check_gguf
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2",
+                                                      "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}, "pre_tokenizer": None}))
+    problems = check_gguf(tmp_path, tmp_path)
+    assert len(problems) == 3 and "qwen2" in problems[0] and "yarn" in problems[1] and "byte-level" in problems[2]
