@@ -49,6 +49,12 @@ def unpacked(encoded: Sequence[Encoded]) -> list[Row]:
     return [_row([e]) for e in encoded]
 
 
+def segments_row(encoded: Sequence[Encoded]) -> Row:
+    """`encoded` back to back in one row, each a segment of its own (positions restart at 0), in the given
+    order: what a preference pair is (ragft.data.pairs), with attention kept inside each segment."""
+    return _row(encoded)
+
+
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest one and stack them.
 

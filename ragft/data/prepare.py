@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ragft.config.schema import DataConfig
 from ragft.data.pack import ROW_COLUMNS, Row, pack, packing_efficiency, unpacked
+from ragft.data.pairs import encode_pair, pair_rows, read_pairs
 from ragft.data.rows import detect_format, read_examples
 from ragft.data.tokenize import IGNORE_INDEX, Encoded, encode
 from ragft.jsonl import BadRowError
@@ -49,14 +50,16 @@ class PreparedData:
     data_hash: str  # sha256 hex of the cache key; recorded in checkpoint manifests
 
 
-def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int) -> PreparedData:
+def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int, objective: str = "sft") -> PreparedData:
     """Read, validate, tokenize, split and pack `data`, or reuse the cached result.
+
+    `objective="dpo"` reads preference rows instead (ragft.data.pairs): one row per pair, never packed.
 
     With `data.eval_path` unset, `data.eval_fraction` of the examples (at least one) is held out
     for eval, chosen by `seed`, before packing. Train rows are shuffled by `seed` after packing.
     A bad row raises `BadRowError` with on_bad_row=error; with skip it is counted and logged.
     """
-    data_hash = cache_key(data, tokenizer, seed)
+    data_hash = cache_key(data, tokenizer, seed, objective)
     folder = Path(cache_dir) / "data" / data_hash[:16]
     if (folder / "stats.json").exists():
         stats = json.loads((folder / "stats.json").read_text())
@@ -66,8 +69,9 @@ def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int) -> PreparedD
         return _prepared(folder, stats)
 
     started = time.perf_counter()
-    train, eval_, skipped = _encode_splits(data, tokenizer, seed)
-    train_rows, eval_rows = _rows(train, data), _rows(eval_, data)
+    train, eval_, skipped = _encode_splits(data, tokenizer, seed, objective)
+    train_rows, eval_rows = _rows(train, data, objective), _rows(eval_, data, objective)
+    row_len = data.max_seq_len * (2 if objective == "dpo" else 1)  # a pair's row holds two sequences
     random.Random(seed).shuffle(train_rows)  # FFD leaves the long examples first; shuffled, batches mix lengths
 
     stats = {
@@ -76,7 +80,7 @@ def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int) -> PreparedD
         "num_examples": len(train) + len(eval_),
         "num_skipped": len(skipped),
         "train_tokens": sum(len(row["input_ids"]) for row in train_rows),
-        "packing_efficiency": packing_efficiency(train_rows, data.max_seq_len),
+        "packing_efficiency": packing_efficiency(train_rows, row_len),
         "data_hash": data_hash,
         # Not part of PreparedData: for people reading the folder, and for the warning on a cache hit.
         "num_train_examples": len(train),
@@ -86,7 +90,8 @@ def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int) -> PreparedD
         "train_source": data.train_path,
         "eval_source": data.eval_path,
         "max_seq_len": data.max_seq_len,
-        "packing": data.packing,
+        "packing": data.packing and objective != "dpo",
+        "objective": objective,
         "seed": seed,
         "pipeline_version": PIPELINE_VERSION,
     }
@@ -100,7 +105,7 @@ def prepare(data: DataConfig, tokenizer, cache_dir: str, seed: int) -> PreparedD
     return _prepared(folder, stats)
 
 
-def cache_key(data: DataConfig, tokenizer, seed: int) -> str:
+def cache_key(data: DataConfig, tokenizer, seed: int, objective: str = "sft") -> str:
     """sha256 hex over everything the prepared rows depend on."""
     settings = {
         "pipeline_version": PIPELINE_VERSION,
@@ -114,6 +119,8 @@ def cache_key(data: DataConfig, tokenizer, seed: int) -> str:
         "on_bad_row": data.on_bad_row,
         "seed": seed,
     }
+    if objective != "sft":  # only then: SFT keys stay what they were, and so do the caches they name
+        settings["objective"] = objective
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     _hash_source(digest, "train", data.train_path)
     if data.eval_path is not None:
@@ -152,24 +159,35 @@ def _hash_source(digest, role: str, path: str) -> None:
                 digest.update(chunk)
 
 
-def _encode_splits(data: DataConfig, tokenizer, seed: int) -> tuple[list[Encoded], list[Encoded], list[BadRowError]]:
-    """Train and eval examples, tokenized, and every bad row skipped on the way."""
-    train, skipped = _read_and_encode(data.train_path, tokenizer, data)
+def _encode_splits(data: DataConfig, tokenizer, seed: int, objective: str) -> tuple[list, list, list[BadRowError]]:
+    """Train and eval examples (or pairs), tokenized, and every bad row skipped on the way."""
+    train, skipped = _read_and_encode(data.train_path, tokenizer, data, objective)
     if data.eval_path is not None:
-        eval_, eval_skipped = _read_and_encode(data.eval_path, tokenizer, data)
+        eval_, eval_skipped = _read_and_encode(data.eval_path, tokenizer, data, objective)
         return train, eval_, skipped + eval_skipped
     # Held out after tokenizing, so the eval set is never left empty by an example that cannot be trained on.
     train, eval_ = _hold_out(train, data.eval_fraction, random.Random(seed), data.train_path)
     return train, eval_, skipped
 
 
-def _read_and_encode(path: str, tokenizer, data: DataConfig) -> tuple[list[Encoded], list[BadRowError]]:
-    """The tokenized examples of one source, and its bad rows (both kinds: unreadable and untrainable)."""
-    read = read_examples(path, data.format, data.on_bad_row)
-    encoded, skipped = [], list(read.skipped)
-    for example in tqdm(read.examples, desc=f"tokenizing {Path(path).name}", unit="ex", disable=None):
+def _read_and_encode(path: str, tokenizer, data: DataConfig, objective: str) -> tuple[list, list[BadRowError]]:
+    """The tokenized examples (Encoded, or EncodedPair for dpo) of one source, and its bad rows (both kinds:
+    unreadable and untrainable)."""
+    if objective == "dpo":
+        examples, skipped = read_pairs(path, data.format, data.on_bad_row)
+
+        def encode_one(pair):
+            return encode_pair(pair, tokenizer, data.max_seq_len)
+    else:
+        read = read_examples(path, data.format, data.on_bad_row)
+        examples, skipped = read.examples, read.skipped
+
+        def encode_one(example):
+            return encode(example, tokenizer, data.max_seq_len, data.train_on_prompt)
+    encoded, skipped = [], list(skipped)
+    for example in tqdm(examples, desc=f"tokenizing {Path(path).name}", unit="ex", disable=None):
         try:
-            encoded.append(encode(example, tokenizer, data.max_seq_len, data.train_on_prompt))
+            encoded.append(encode_one(example))
         except BadRowError as err:
             if data.on_bad_row == "error":
                 raise
@@ -194,7 +212,9 @@ def _hold_out(
     return train, eval_
 
 
-def _rows(encoded: list[Encoded], data: DataConfig) -> list[Row]:
+def _rows(encoded: list, data: DataConfig, objective: str) -> list[Row]:
+    if objective == "dpo":
+        return pair_rows(encoded)
     return pack(encoded, data.max_seq_len) if data.packing else unpacked(encoded)
 
 

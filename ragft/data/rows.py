@@ -74,6 +74,11 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: folder is neither a datasets save_to_disk folder nor holds .parquet files")
 
 
+def row_source(fmt: str, path: str) -> Iterator[tuple[str, Any]]:
+    """(origin "path:line", decoded row or BadRowError) for each row of `path` read as `fmt` (jsonl | hf | parquet)."""
+    return _ROW_READERS[fmt](path)
+
+
 def parse_row(row: Any, origin: str) -> Example:
     """The `Example` a decoded row describes, or `BadRowError` saying why it describes none.
 

@@ -40,17 +40,20 @@ class Encoded:
         return len(self.input_ids)
 
 
-def encode(example: Example, tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> Encoded:
+def encode(example: Example, tokenizer, max_seq_len: int, train_on_prompt: bool = False,
+           reply_from: int = 0) -> Encoded:
     """Tokenize `example` with its loss mask, truncated to `max_seq_len` tokens.
 
     chat: the rendered chat template, loss on each assistant turn's content and end-of-turn marker.
     prompt_completion: [bos] prompt completion eos, loss on completion and eos.
     text: [bos] text eos, loss on all of it.
     train_on_prompt: loss on every token of any kind (the prompt and user turns too).
+    reply_from (chat): loss only on the assistant turns from message `reply_from` on, as a preference pair's
+    reply after a history that may hold earlier assistant turns.
     Raises `BadRowError` when truncation leaves no token to train on.
     """
     if example.kind == "chat":
-        text, spans = chat_text_and_spans(example, tokenizer)
+        text, spans = chat_text_and_spans(example, tokenizer, reply_from)
         input_ids, labels = _tokenize(tokenizer, text, spans)
     elif example.kind == "prompt_completion":
         text = example.prompt + example.completion
@@ -72,8 +75,8 @@ def encode(example: Example, tokenizer, max_seq_len: int, train_on_prompt: bool 
     return Encoded(input_ids=input_ids, labels=labels, origin=example.origin)
 
 
-def chat_text_and_spans(example: Example, tokenizer) -> tuple[str, list[Span]]:
-    """The rendered conversation and the character span of each assistant turn.
+def chat_text_and_spans(example: Example, tokenizer, first_turn: int = 0) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character span of each assistant turn (from message `first_turn` on).
 
     An assistant turn i spans from the end of `render(messages[:i], add_generation_prompt=True)`
     (the history plus the assistant header) to the end of `render(messages[:i+1])`, so it holds the
@@ -86,7 +89,7 @@ def chat_text_and_spans(example: Example, tokenizer) -> tuple[str, list[Span]]:
     full = _render(tokenizer, messages, example.origin)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_turn:
             continue
         before = _render(tokenizer, messages[:i], example.origin, add_generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1], example.origin)

@@ -33,7 +33,7 @@ from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint, fsdp2
 from ragft.train.deepspeed_config import render, warmup_cosine
 from ragft.train.flops import flops_per_token, peak_flops_per_device
-from ragft.train.loss import causal_lm_loss
+from ragft.train.dpo import PAIR_SUMS, PairTotals, build_reference, objective_loss, pair_metrics
 from ragft.train.progress import Sink, printing_sink
 from ragft.train.spec import TrainSpec
 from ragft.train.tracking import make_tracker
@@ -88,21 +88,24 @@ class StepsSinceLog:
     tokens: int = 0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
+    pairs: PairTotals = field(default_factory=PairTotals)  # objective=dpo: reward accuracy, margins, log-probs
 
-    def add(self, loss: float, tokens: int, samples: int) -> None:
+    def add(self, loss: float, tokens: int, samples: int, pair_sums: dict | None = None) -> None:
         self.loss_sum += loss
         self.loss_count += 1
         self.tokens += tokens
         self.samples += samples
+        self.pairs.add(pair_sums or {})
 
     def metrics(self, step: int, epoch: int, engine, grad_accum: int, total_steps: int, device,
                 grad_norm: float | None = None) -> dict:
         """These steps' figures over all ranks (a collective: every rank calls it)."""
-        totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples], dtype=torch.float64,
-                              device=device)
+        totals = torch.tensor([self.loss_sum, self.loss_count, self.tokens, self.samples,
+                               *(self.pairs.sums[name] for name in PAIR_SUMS)], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         seconds = time.perf_counter() - self.started
-        loss_sum, loss_count, tokens, samples = totals.tolist()
+        loss_sum, loss_count, tokens, samples = totals.tolist()[:4]
+        pairs = dict(zip(PAIR_SUMS, totals.tolist()[4:]))
         world_size = dist.get_world_size()
         return {
             "step": step,
@@ -114,6 +117,7 @@ class StepsSinceLog:
             "samples_per_s": samples / seconds,
             "step_time_s": seconds / max(loss_count / world_size / grad_accum, 1),
             "total_steps": total_steps,
+            **pair_metrics(pairs),
         }
 
 
@@ -126,6 +130,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
     device = _device(spec)
     seed_everything(spec.seed)
     engine, tokenizer, throughput = _start_engine(spec)
+    reference = build_reference(spec, next(engine.module.parameters()).dtype, device)  # full + dpo only
     plan = spec.plan
     emit = (events or printing_sink(plan.total_steps)) if is_rank0 else (lambda event: None)
     step, epoch, skip_batches = resume_state(engine, spec, rank, emit)
@@ -142,9 +147,9 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
                 break  # a partial accumulation would spill into the next epoch's first step
             if i < skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
-            loss, num_tokens, rows, norm = _micro_step(engine, batch, spec, device)
+            loss, num_tokens, rows, norm, pair_sums = _micro_step(engine, batch, spec, device, reference)
             plain_norm = norm if norm is not None else plain_norm
-            since_log.add(loss, num_tokens, rows)
+            since_log.add(loss, num_tokens, rows, pair_sums)
             micro = i + 1
             if micro % spec.grad_accum:
                 continue
@@ -153,13 +158,13 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             done = stop or step == plan.total_steps
             evaluated = step % spec.train.eval_every == 0 or done
             if evaluated:
-                last_eval = evaluate(engine, eval_batches, spec, device)
+                last_eval = evaluate(engine, eval_batches, spec, device, reference)
             metrics = {"step": step}
             if step % spec.train.log_every == 0 or done:
                 metrics = since_log.metrics(step, epoch, engine, spec.grad_accum, plan.total_steps, device, plain_norm)
                 metrics.update(throughput(metrics["tokens_per_s"]))
                 if last_eval is not None:
-                    metrics["eval_loss"] = last_eval
+                    metrics.update(last_eval)
                 since_log = StepsSinceLog()
                 _log_step(spec, metrics, is_rank0, tracker, emit)
             saving = step % spec.train.save_every == 0 or done
@@ -171,7 +176,7 @@ def run_worker(spec: TrainSpec, rank: int, train_batches: Batches, eval_batches:
             # checkpoints go through it, and evaluations in a Tune trial (ASHA compares trials on them);
             # the per-step lines above do not.
             if saving or (evaluated and spec.report_evals):
-                reported = {**metrics, **({"eval_loss": last_eval} if last_eval is not None else {})}
+                reported = {**metrics, **(last_eval or {})}
                 if saving:
                     reported["checkpoint"] = str(spec.checkpoints_dir / str(step))
                 report(reported)
@@ -208,19 +213,21 @@ def _start_engine(spec: TrainSpec):
     return engine, tokenizer, throughput
 
 
-def _micro_step(engine, batch: dict, spec: TrainSpec, device) -> tuple[float, int, int, float | None]:
+def _micro_step(engine, batch: dict, spec: TrainSpec, device, reference=None
+                ) -> tuple[float, int, int, float | None, dict]:
     """Forward, backward and (at an accumulation boundary) the optimizer step of one micro batch; returns its
-    loss, token count, rows, and under stage 0 the gradient norm DeepSpeed leaves unset (else None)."""
+    loss, token count, rows, under stage 0 the gradient norm DeepSpeed leaves unset (else None), and the pair
+    sums of objective=dpo (empty for sft)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     num_tokens = int(batch.pop("num_tokens"))
     engine.train()
     with cpu_autocast(spec):
-        loss = causal_lm_loss(engine, batch)
+        loss, pair_sums = objective_loss(engine, batch, spec.objective, reference)
     boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(loss)
     norm = _plain_grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
     engine.step()
-    return loss.item(), num_tokens, batch["input_ids"].shape[0], norm
+    return loss.item(), num_tokens, batch["input_ids"].shape[0], norm, pair_sums
 
 
 def _log_step(spec: TrainSpec, metrics: dict, is_rank0: bool, tracker, emit: Sink) -> None:
@@ -230,13 +237,13 @@ def _log_step(spec: TrainSpec, metrics: dict, is_rank0: bool, tracker, emit: Sin
     emit({"event": "step", **metrics})
 
 
-def _save(engine, tokenizer, spec: TrainSpec, step: int, metrics: dict, eval_loss: float | None, state: dict,
+def _save(engine, tokenizer, spec: TrainSpec, step: int, metrics: dict, eval_metrics: dict | None, state: dict,
           is_rank0: bool, tracker, emit: Sink) -> None:
-    """Save a checkpoint; its manifest's eval loss is this step's own (None: not evaluated at this step), so
-    keep_last and `best` compare like with like."""
-    recorded = {k: v for k, v in metrics.items() if k != "eval_loss"}
-    if eval_loss is not None:
-        recorded["eval_loss"] = eval_loss
+    """Save a checkpoint; its manifest's eval figures (eval_loss, and eval_reward_accuracy ... with
+    objective=dpo) are this step's own (None: not evaluated at this step), so keep_last and `best` compare like
+    with like."""
+    recorded = {k: v for k, v in metrics.items() if not k.startswith("eval_")}
+    recorded.update(eval_metrics or {})
     saved = checkpoint.save(engine, engine.module, tokenizer, spec, step, recorded, state, is_rank0)
     if saved is not None:
         emit({"event": "checkpoint", "step": step, "path": str(saved.path), "size_bytes": saved.size_bytes,
@@ -279,23 +286,30 @@ class Throughput:
         return figures
 
 
-def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device) -> float:
-    """Mean token loss on the held-out split, weighted by label tokens, over all ranks."""
+def evaluate(engine, eval_batches: Batches, spec: TrainSpec, device, reference=None) -> dict[str, float]:
+    """{"eval_loss": ...} on the held-out split over all ranks: the mean token loss weighted by label tokens
+    (sft), or the mean DPO loss over pairs with eval_reward_accuracy, eval_reward_margin, eval_logps_* and
+    eval_rewards_* beside it (dpo)."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    pairs = PairTotals()
     with torch.no_grad():
         for i, batch in enumerate(eval_batches(0)):
             if i >= spec.train.eval_max_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             batch.pop("num_tokens")
-            labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             with cpu_autocast(spec):
-                loss = causal_lm_loss(engine, batch)
-            total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64, device=device)
+                loss, pair_sums = objective_loss(engine, batch, spec.objective, reference)
+            # a pair's loss is per pair, an SFT loss per label token: weight each mean by what it averages
+            weight = pair_sums["pairs"] if pair_sums else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=device)
+            pairs.add(pair_sums)
     dist.all_reduce(total)
+    reduced = pairs.reduced(device) if spec.objective.name == "dpo" else {}
     engine.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    eval_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return {"eval_loss": eval_loss, **pair_metrics(reduced, "eval_")}
 
 
 def resume_state(engine, spec: TrainSpec, rank: int, emit: Sink) -> tuple[int, int, int]:

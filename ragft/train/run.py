@@ -97,7 +97,7 @@ def prepare_data(spec: TrainSpec, tokenizer) -> TrainSpec:
     """Tokenize and pack once (cached by content hash) and derive the step counts."""
     from ragft.data.prepare import prepare
 
-    data = prepare(spec.data, tokenizer, spec.cache_dir, spec.seed)
+    data = prepare(spec.data, tokenizer, spec.cache_dir, spec.seed, spec.objective.name)
     t = spec.train
     rows_per_worker = data.num_train_rows // spec.world_size
     steps_per_epoch = rows_per_worker // t.micro_batch_size // spec.grad_accum
@@ -200,6 +200,7 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
         "model": spec.model.name,
         "method": spec.method.name,
         "strategy": spec.strategy.name,
+        "objective": spec.objective.name,
         "num_workers": spec.world_size,
         "steps": spec.plan.total_steps,
         "metrics": last_metrics(spec),
@@ -229,7 +230,9 @@ def write_result(spec: TrainSpec, result, seconds: float) -> dict:
                                                                     if summary.get("wandb") else {})}
         for folder in dict.fromkeys([best or final, final]):  # the best by eval loss, then the final one
             recorded = json.loads((folder / MANIFEST).read_text())["metrics"]
-            metrics = {"train.loss": recorded.get("loss"), "train.eval_loss": recorded.get("eval_loss")}
+            # every eval figure, so registry.best_metric can name e.g. train.eval_reward_accuracy (objective=dpo)
+            metrics = {"train.loss": recorded.get("loss"),
+                       **{f"train.{k}": v for k, v in recorded.items() if k.startswith("eval_")}}
             registry.record_checkpoint(spec.registry_path, folder, links=links,
                                        metrics={k: v for k, v in metrics.items() if v is not None})
     return summary
@@ -251,6 +254,8 @@ def print_summary(summary: dict) -> None:
         ("loss / eval loss", f"{m.get('loss', float('nan')):.4f} / {m.get('eval_loss', float('nan')):.4f}"),
         ("throughput", f"{m.get('tokens_per_s', 0):,.0f} tokens/s, {m.get('samples_per_s', 0):.1f} samples/s, "
                        f"{m.get('step_time_s', 0):.3f} s/step"),
+        ("eval reward accuracy", f"{m['eval_reward_accuracy']:.3f} (margin {m['eval_reward_margin']:.3f})")
+        if "eval_reward_accuracy" in m else None,
         ("MFU", f"{m['mfu']:.1%}" if "mfu" in m else "n/a (no known peak FLOP/s for this device)"),
         ("peak memory", f"{m.get('mem_gb', 0):.2f} GiB per worker"),
         ("data", f"{summary['data']['train_rows']} rows, packing efficiency "

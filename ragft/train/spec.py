@@ -25,6 +25,7 @@ from ragft.config.schema import (
     LoopConfig,
     MethodConfig,
     ModelConfig,
+    ObjectiveConfig,
     StrategyConfig,
     TrackingConfig,
     TrainJobConfig,
@@ -75,6 +76,7 @@ class TrainSpec:
     plan: Optional[DataPlan] = None  # set by the driver after tokenization
     report_evals: bool = False  # report every evaluation to Ray, not only checkpoints (a Tune trial's ASHA needs them)
     resolved_config: dict = field(default_factory=dict, compare=False, hash=False)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # sft, or dpo and its settings
 
     @property
     def world_size(self) -> int:
@@ -111,6 +113,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
     problems += check_method(job.method, job.strategy, job.cluster, hardware)
     problems += check_backend(job.strategy, job.method, job.train)
     problems += check_data(job.data)
+    problems += check_objective(job.objective, job.data, job.model)
     model, model_problems = check_model_and_kernels(job, hardware)
     problems += model_problems
     problems += check_cluster(job.cluster)
@@ -189,6 +192,25 @@ def check_backend(strategy: StrategyConfig, method: MethodConfig, train: LoopCon
     return problems
 
 
+def check_objective(objective: ObjectiveConfig, data: DataConfig, model: ModelConfig) -> list[str]:
+    """What `objective=dpo` cannot run with: a loss on prompts, Liger's fused loss, out-of-range settings."""
+    if objective.name != "dpo":
+        return []
+    dpo, problems = objective.dpo, []
+    if data.train_on_prompt:
+        problems.append("objective=dpo compares replies only: data.train_on_prompt=true has no meaning there")
+    if model.kernels == "liger":
+        problems.append("objective=dpo needs per-token log-probs, which Liger's fused loss never returns; "
+                        "use model.kernels=none or ragft")
+    if dpo.beta <= 0:
+        problems.append(f"objective.dpo.beta={dpo.beta} must be positive")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        problems.append(f"objective.dpo.label_smoothing={dpo.label_smoothing} must be in [0, 0.5)")
+    if dpo.loss_type == "ipo" and dpo.label_smoothing:
+        problems.append("objective.dpo.label_smoothing applies to loss_type=sigmoid only (conservative DPO)")
+    return problems
+
+
 def check_data(data: DataConfig) -> list[str]:
     """The data files exist, and the eval split and sequence length make sense."""
     problems = []
@@ -255,6 +277,7 @@ def build_spec(cfg: DictConfig, job: TrainJobConfig, model: ModelConfig, grad_ac
         cluster=job.cluster,
         tracking=job.tracking,
         train=job.train,
+        objective=job.objective,
         seed=job.seed,
         resume=job.resume,
         grad_accum=grad_accum,

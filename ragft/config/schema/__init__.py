@@ -11,7 +11,7 @@ One module per command, plus the sections several of them share:
 | module | schemas |
 |---|---|
 | `common.py` | model, cluster, tracking, registry: sections of more than one command |
-| `train.py` | `ragft train` (conf/train.yaml): method, strategy, data, loop, sweep, `TrainJobConfig` |
+| `train.py` | `ragft train` (conf/train.yaml): method, strategy, data, objective, loop, sweep, `TrainJobConfig` |
 | `index.py` | `ragft index` / `ragft search` (conf/index.yaml): corpus, index, retrieval, `IndexJobConfig` |
 | `serve.py` | `ragft serve` (conf/serve.yaml): deployments, batching, RAG prompt, vLLM, `ServeJobConfig` |
 | `eval.py` | `ragft data raft` (conf/raft.yaml) and `ragft eval` (conf/eval.yaml): questions, RAFT, eval |
@@ -34,15 +34,16 @@ from ragft.config.schema.eval import EvalConfig, EvalJobConfig, QuestionsConfig,
 from ragft.config.schema.index import CorpusConfig, IndexConfig, IndexJobConfig, RetrievalConfig
 from ragft.config.schema.serve import (BatchConfig, DeploymentConfig, RagConfig, ServeConfig, ServeJobConfig,
                                        VLLMConfig)
-from ragft.config.schema.train import (DataConfig, LoopConfig, MethodConfig, StrategyConfig, SweepConfig,
-                                       TrainJobConfig)
+from ragft.config.schema.train import (DataConfig, DpoConfig, LoopConfig, MethodConfig, ObjectiveConfig,
+                                       StrategyConfig, SweepConfig, TrainJobConfig)
 
 __all__ = [
     "register_configs",
     # common
     "ClusterConfig", "ModelConfig", "RegistryConfig", "TrackingConfig",
     # train
-    "DataConfig", "LoopConfig", "MethodConfig", "StrategyConfig", "SweepConfig", "TrainJobConfig",
+    "DataConfig", "DpoConfig", "LoopConfig", "MethodConfig", "ObjectiveConfig", "StrategyConfig", "SweepConfig",
+    "TrainJobConfig",
     # index
     "CorpusConfig", "IndexConfig", "IndexJobConfig", "RetrievalConfig",
     # serve

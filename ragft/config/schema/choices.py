@@ -87,6 +87,18 @@ class OnBadRow(Choice):
     skip = "skip"
 
 
+class Objective(Choice):
+    """What training minimises: next-token loss on replies (sft) or a preference loss on chosen/rejected pairs."""
+
+    sft = "sft"
+    dpo = "dpo"
+
+
+class DpoLoss(Choice):
+    sigmoid = "sigmoid"  # DPO (Rafailov et al.), conservative with label_smoothing > 0
+    ipo = "ipo"  # IPO (Azar et al.), on per-token mean log-ratios
+
+
 class Scheduler(Choice):
     fifo = "fifo"
     asha = "asha"

@@ -10,8 +10,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ragft.config.schema.choices import (Backend, DataFormat, Direction, MethodName, OnBadRow, Precision, QuantType,
-                                         Scheduler)
+from ragft.config.schema.choices import (Backend, DataFormat, Direction, DpoLoss, MethodName, Objective, OnBadRow,
+                                         Precision, QuantType, Scheduler)
 from ragft.config.schema.common import ClusterConfig, ModelConfig, RegistryConfig, TrackingConfig
 
 
@@ -75,6 +75,24 @@ class DataConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimisation on {prompt, chosen, rejected} rows (ragft.train.dpo)."""
+
+    beta: float = 0.1  # strength of the pull toward the reference model: lower lets the policy move further
+    # conservative DPO: the assumed share of pairs whose labels are flipped (0 = plain DPO; sigmoid only)
+    label_smoothing: float = 0.0
+    loss_type: DpoLoss = DpoLoss.sigmoid
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loop minimises: sft (next-token loss on replies) or dpo (a preference loss on pairs)."""
+
+    name: Objective = Objective.sft
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # read with name=dpo
+
+
+@dataclass
 class LoopConfig:
     """The optimisation loop. Gradient accumulation is derived, never set."""
 
@@ -123,6 +141,7 @@ class TrainJobConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
