@@ -14,6 +14,13 @@ question, and whose assistant turn is the reference answer. Four kinds, drawn pe
                   answers, and an updated document's new value is exactly that
   distractors     k retrieved chunks, none gold: answer from memory despite a context that lacks it
 
+With `raft.pairs=true` the rows are preference pairs for `objective=dpo` instead ({"prompt": messages,
+"chosen": value, "rejected": value}): only the kinds with the gold chunk in context are drawn (counterfactual
+with `raft.counterfactual_fraction`, else gold), chosen is the value the context holds, and rejected is the
+stale value for a counterfactual row (the answer the chunk held before the swap: what a model that ignores the
+document says) or, for a gold row, a distractor value: another question's answer for the same attribute (same
+shape when the questions carry no `attribute`) that the chunk does not mention.
+
 With `raft.gold_position=retrieved` (default) the context is what the index really returns for the
 question: the gold chunk at its rank (or in place of the last hit when retrieval misses it), and
 distractors-only rows the top non-gold hits. With `random` (the RAFT paper) distractors are sampled
@@ -49,12 +56,14 @@ class RaftStats:
     kinds: Counter = field(default_factory=Counter)
     no_gold_span: int = 0  # questions none of whose gold chunks contains the answer: never given a gold context
     no_swap: int = 0  # counterfactual draws with no other answer of the same shape: kept as plain gold
+    no_rejected: int = 0  # raft.pairs: no distractor value for the attribute, or the context holds it: no pair
     fresh: int = 0  # counterfactual rows whose swapped answer is made up (FreshValues)
     index_version: int | None = None
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "kinds": dict(self.kinds), "no_gold_span": self.no_gold_span,
-                "no_swap": self.no_swap, "fresh": self.fresh, "index_version": self.index_version}
+                "no_swap": self.no_swap, "fresh": self.fresh, "index_version": self.index_version,
+                "no_rejected": self.no_rejected}
 
 
 def answer_shape(text: str) -> str:
@@ -86,6 +95,7 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
     for q in questions:
         by_shape[answer_shape(q.answer)].add(q.answer)
     swaps = {shape: sorted(answers) for shape, answers in by_shape.items()}
+    rivals = _rival_values(questions) if raft.pairs else {}
     fresh = FreshValues([q.answer for q in questions]) if raft.fresh_fraction > 0 else None
 
     rows = []
@@ -95,7 +105,9 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
         pool = [h for h in hits if h.doc_id not in q.doc_ids][:raft.distractor_depth]
         for copy in range(raft.copies):
             rng = random.Random(f"{seed}:{q.id}:{copy}")
-            kind = _draw_kind(rng, raft, has_gold=bool(golds))
+            if raft.pairs and not golds:
+                break  # a pair needs the value in context
+            kind = _draw_pair_kind(rng, raft) if raft.pairs else _draw_kind(rng, raft, has_gold=bool(golds))
             context, answer = [], q.answer
             if kind in ("gold", "counterfactual"):
                 gold = golds[0] if len(golds) == 1 else rng.choice(golds)
@@ -122,9 +134,19 @@ def build_raft(questions: Sequence[Question], index: Index, rag: RagConfig, raft
                 context = pool[:raft.k] if raft.gold_position == "retrieved" else _sample_in_order(rng, pool, raft.k)
             messages = [{"role": "system", "content": raft.system}] if raft.system else []
             messages = rag_messages(messages + [{"role": "user", "content": q.question}], context, rag)
-            messages.append({"role": "assistant", "content": answer})
-            rows.append({"messages": messages, "raft": {"question_id": q.id, "kind": kind, "copy": copy,
-                                                        "chunk_ids": [h.chunk_id for h in context]}})
+            about = {"question_id": q.id, "kind": kind, "copy": copy, "chunk_ids": [h.chunk_id for h in context]}
+            if raft.pairs:
+                rejected = q.answer if kind == "counterfactual" else _swap_answer(rng, q.answer, gold.text,
+                                                                                   rivals[_rival_key(q)])
+                # another chunk of the gold document may still hold the swapped-out value: no clean pair then
+                if rejected is None or any(rejected in h.text for h in context):
+                    stats.no_rejected += 1
+                    continue
+                about["rejected"] = "stale" if kind == "counterfactual" else "distractor"
+                rows.append({"prompt": messages, "chosen": answer, "rejected": rejected, "raft": about})
+            else:
+                messages.append({"role": "assistant", "content": answer})
+                rows.append({"messages": messages, "raft": about})
             stats.kinds[kind] += 1
     stats.rows = len(rows)
     return rows, stats
@@ -136,6 +158,24 @@ def _draw_kind(rng: random.Random, raft: RaftConfig, has_gold: bool) -> str:
     if has_gold and rng.random() < raft.gold_fraction:
         return "counterfactual" if rng.random() < raft.counterfactual_fraction else "gold"
     return "distractors"
+
+
+def _draw_pair_kind(rng: random.Random, raft: RaftConfig) -> str:
+    return "counterfactual" if rng.random() < raft.counterfactual_fraction else "gold"
+
+
+def _rival_key(question: Question) -> str:
+    """What a distractor value must share with the answer: the attribute asked about, else the answer's shape."""
+    attribute = question.extra.get("attribute")
+    return f"attribute:{attribute}" if attribute else f"shape:{answer_shape(question.answer)}"
+
+
+def _rival_values(questions: Sequence[Question]) -> dict[str, list[str]]:
+    """The answers of each `_rival_key`, sorted: the candidates for a gold pair's rejected value."""
+    found = defaultdict(set)
+    for q in questions:
+        found[_rival_key(q)].add(q.answer)
+    return {key: sorted(answers) for key, answers in found.items()}
 
 
 def _swap_answer(rng: random.Random, answer: str, chunk_text: str, same_shape: list[str]) -> str | None:

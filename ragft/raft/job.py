@@ -69,7 +69,8 @@ def run_raft(spec: RaftSpec, progress=print) -> dict:
     (Path(spec.out_dir) / "raft.json").write_text(json.dumps(summary, indent=2))
     kinds = ", ".join(f"{n} {k}" for k, n in stats.kinds.items())
     sampled = f" (a seeded sample of {len(read.questions)})" if len(questions) < len(read.questions) else ""
-    progress(f"ragft data raft: {stats.rows} rows ({kinds}) from {len(questions)} questions{sampled} and index "
+    rows = "preference pairs" if job.raft.pairs else "rows"
+    progress(f"ragft data raft: {stats.rows} {rows} ({kinds}) from {len(questions)} questions{sampled} and index "
              f"version {stats.index_version} → {spec.out_path}")
     return summary
 

@@ -138,3 +138,29 @@ def test_cli_writes_rows_and_reports_a_bad_question_line(sample_index, tmp_path)
     out = tmp_path / "rows.jsonl"
     write_raft([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}], out)
     assert json.loads(out.read_text())["messages"][1]["content"] == "a"
+
+
+def test_pairs_hold_the_context_value_as_chosen_and_a_stale_or_rival_value_as_rejected(index, questions, tmp_path):
+    """raft.pairs=true: every row is a preference row the DPO reader accepts; the chosen value is in the prompt's
+    context, the rejected one is not; counterfactual rows reject the answer the chunk held before the swap (the
+    stale value), gold rows another question's answer for the same attribute."""
+    from ragft.data.pairs import read_pairs
+
+    raft = RaftConfig(out_path="unused", k=3, pairs=True, counterfactual_fraction=0.5)
+    rows, stats = build_raft(questions, index, RAG, raft, seed=0)
+    assert set(stats.kinds) == {"gold", "counterfactual"} and stats.kinds["counterfactual"] > 50
+    assert stats.rows == len(rows) == len(questions) - stats.no_gold_span - stats.no_rejected
+    by_id = {q.id: q for q in questions}
+    attribute_answers = {}
+    for q in questions:
+        attribute_answers.setdefault(q.extra["attribute"], set()).add(q.answer)
+    for row in rows:
+        q, context = by_id[row["raft"]["question_id"]], row["prompt"][-1]["content"]
+        assert row["chosen"] in context and row["rejected"] not in context and row["chosen"] != row["rejected"]
+        if row["raft"]["kind"] == "counterfactual":
+            assert row["raft"]["rejected"] == "stale" and row["rejected"] == q.answer
+        else:
+            assert row["raft"]["rejected"] == "distractor" and row["chosen"] == q.answer
+            assert row["rejected"] in attribute_answers[q.extra["attribute"]]
+    pairs, skipped = read_pairs(str(write_raft(rows, tmp_path / "pairs.jsonl")))
+    assert len(pairs) == len(rows) and skipped == []

@@ -57,6 +57,11 @@ class RaftConfig:
     # among sampled distractors (the RAFT paper): the model must find it by content.
     gold_position: GoldPosition = GoldPosition.retrieved
     system: Optional[str] = None  # a system message on every example
+    # Preference pairs for `ragft train objective=dpo` instead of chat rows: {prompt, chosen, rejected} where the
+    # prompt holds the gold chunk (kinds gold and counterfactual only), chosen is the value in that context and
+    # rejected is the stale value (counterfactual: the answer the chunk said before the swap) or a distractor
+    # value (gold: another question's answer for the same attribute, or of the same shape).
+    pairs: bool = False
 
 
 @dataclass
