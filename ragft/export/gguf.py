@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 FILE_TYPES = {torch.float32: "ALL_F32", torch.float16: "MOSTLY_F16", torch.bfloat16: "MOSTLY_BF16"}
@@ -78,13 +77,12 @@ def gguf_tensors(model):
         elif hf_name.endswith("k_proj.weight"):
             tensor = permute_for_rope(tensor, config.num_key_value_heads)
         kind = "F32" if tensor.ndim == 1 else TENSOR_TYPES[tensor.dtype]
-        data = tensor.detach().float().contiguous().numpy()
-        qtype = gguf.GGMLQuantizationType[kind]
-        if kind == "F16":
-            data = data.astype(np.float16)
-        elif kind == "BF16":
-            data = gguf.quants.quantize(data, qtype)  # numpy has no bfloat16: raw bytes, shape given by qtype
-        yield name, data, qtype
+        tensor = tensor.detach().float() if kind == "F32" else tensor.detach()
+        if kind == "BF16":  # numpy has no bfloat16: the tensor's bytes, whose shape the writer derives from the type
+            data = tensor.contiguous().view(torch.uint8).numpy()
+        else:
+            data = tensor.contiguous().numpy()
+        yield name, data, gguf.GGMLQuantizationType[kind]
 
 
 def permute_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:

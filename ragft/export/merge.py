@@ -16,13 +16,18 @@ from ragft.model.build import load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_dtype(dtype: str, base: str) -> torch.dtype:
-    """The torch dtype `export.dtype` names; auto: the one the base model's config.json records (else float32)."""
+def export_dtype(dtype: str, base: str, checkpoint: str) -> torch.dtype:
+    """The torch dtype `export.dtype` names; auto: the one the base model's config.json records (else float32).
+    A full fine-tune whose base cannot be read here (a hub id not in the local cache) uses its own config's."""
     if dtype != "auto":
         return DTYPES[dtype]
     from transformers import AutoConfig
 
-    recorded = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError:
+        config = AutoConfig.from_pretrained(checkpoint)
+    recorded = getattr(config, "dtype", None)
     if isinstance(recorded, str):
         recorded = DTYPES.get(recorded)
     return recorded if recorded in DTYPES.values() else torch.float32

@@ -39,7 +39,7 @@ def run_export(spec: ExportSpec) -> Exported:
     """Write the merged model `spec` describes to `spec.out_dir`; returns where and how big."""
     started = time.perf_counter()
     out_dir = Path(spec.out_dir)
-    dtype = export_dtype(spec.export.dtype, spec.base)
+    dtype = export_dtype(spec.export.dtype, spec.base, spec.checkpoint)
     dtype_name = str(dtype).removeprefix("torch.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-export-{out_dir.name}-"))
