@@ -9,8 +9,12 @@ after the first `--warmup` ones; memory is rank 0's peak (accelerator memory, or
 on CPU: there it includes each side's imports, Ray's worker runtime for ragft). Prints both
 figures and ragft / bare.
 
+With `--compare zero2 zero3 fsdp2`, ragft alone runs once per strategy (alternating, `--repeats` rounds) on
+the same data and prints one table: throughput and peak memory of each, and their ratios to the first.
+
     python launch/bench_train.py [--model smollm2] [--steps 40] [--workers 2] [--strategy zero2]
                                  [--method lora|full] [--micro 8] [--seq 256]
+    python launch/bench_train.py --compare zero2 zero3 fsdp2 [--model tiny] [--method full]
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
-    """Train with ragft; return (steady-state throughput, spec facts the baseline must copy)."""
+def ragft_run(args, out_dir: Path, strategy: str | None = None) -> tuple[dict, dict]:
+    """Train with ragft under `strategy` (default `--strategy`); return (steady-state throughput, spec facts the
+    baseline must copy)."""
     from ragft.config.compose import compose_config
     from ragft.jsonl import read_rows
     from ragft.train.run import run
@@ -45,7 +50,7 @@ def ragft_run(args, out_dir: Path) -> tuple[dict, dict]:
         f"model={args.model}",
         f"data.max_seq_len={args.seq}",
         f"method={args.method}",
-        f"strategy={args.strategy}",
+        f"strategy={strategy or args.strategy}",
         f"cluster.num_workers={args.workers}",
         f"train.max_steps={args.steps}",
         f"train.micro_batch_size={args.micro}",
@@ -168,7 +173,12 @@ def main() -> None:
     parser.add_argument("--strategy", default="zero2", choices=["ddp", "zero1", "zero2", "zero3"])
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
     parser.add_argument("--repeats", type=int, default=2, help="alternating ragft/bare pairs; medians reported")
+    parser.add_argument("--compare", nargs="+", metavar="STRATEGY",
+                        help="ragft only, one run per strategy (e.g. zero2 zero3 fsdp2): ratios to the first")
     args = parser.parse_args()
+    if args.compare:
+        compare_strategies(args)
+        return
 
     import ray
 
@@ -190,6 +200,33 @@ def main() -> None:
     print(f"  bare DeepSpeed : {bare['tokens_per_s']:10,.0f} tokens/s, peak memory {bare['mem_gb']:.2f} GiB (rank 0)")
     print(f"  ragft          : {ragft['tokens_per_s']:10,.0f} tokens/s, peak memory {ragft['mem_gb']:.2f} GiB (rank 0)")
     print(f"  ratio ragft/bare: {ratio:.3f} throughput, {ragft['mem_gb'] / bare['mem_gb']:.3f} peak memory")
+
+
+def compare_strategies(args) -> None:
+    """ragft under each of `args.compare` on the same rows, alternating, `args.repeats` rounds; one table."""
+    import ray
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.compare}
+    for repeat in range(args.repeats):
+        for name in args.compare:
+            out_dir = Path(tempfile.mkdtemp(prefix=f"ragft-bench-{name}-"))
+            figures, _ = ragft_run(args, out_dir / "run", strategy=name)
+            ray.shutdown()  # every run starts its own Ray, as `ragft train` does
+            runs[name].append(figures)
+            print(f"round {repeat + 1} {name}: {figures['tokens_per_s']:,.0f} tokens/s {figures['mem_gb']:.2f} GiB",
+                  flush=True)
+    medians = {name: {key: statistics.median(r[key] for r in found) for key in ("tokens_per_s", "mem_gb")}
+               for name, found in runs.items()}
+    first = medians[args.compare[0]]
+    device = "accelerator memory" if torch.cuda.is_available() else "resident memory, imports included"
+    print(f"\nbench_train --compare: {args.model} {args.method}, {args.workers} workers, {args.steps} steps "
+          f"(first {args.warmup} excluded), micro batch {args.micro} x {args.seq} tokens, accumulation {args.accum}, "
+          f"median of {args.repeats} rounds; peak memory is rank 0's {device}")
+    print(f"| strategy | tokens/s | peak GiB | throughput / {args.compare[0]} | memory / {args.compare[0]} |")
+    print("|---|---|---|---|---|")
+    for name, m in medians.items():
+        print(f"| {name} | {m['tokens_per_s']:,.0f} | {m['mem_gb']:.2f} | {m['tokens_per_s'] / first['tokens_per_s']:.3f} "
+              f"| {m['mem_gb'] / first['mem_gb']:.3f} |")
 
 
 if __name__ == "__main__":

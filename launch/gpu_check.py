@@ -10,8 +10,10 @@ run (missing package, no CUDA, time budget spent):
    its torch reference (kernels/benchmarks/bench_kernels.py), at Llama-3.2-1B shapes;
 3. training: tokens/s, MFU and peak memory of full fine-tuning and LoRA, bf16, of a random-init
    Llama-3.2-1B-shaped model (1.2B parameters, vocabulary 128,256, tied embeddings) with model.kernels
-   none, ragft and liger (when Liger-Kernel is installed); every position labelled (the LM head's worst
-   case); figures from the last logged window, so start-up and the first steps are left out;
+   none, ragft and liger (when Liger-Kernel is installed) under DeepSpeed ZeRO-2, and the same with
+   kernels none and ragft under strategy=fsdp2 (PyTorch FSDP2, run with `import deepspeed` failing too);
+   every position labelled (the LM head's worst case); figures from the last logged window, so start-up
+   and the first steps are left out;
 4. QLoRA: a short smoke run (needs bitsandbytes);
 5. vLLM: generation tokens/s of the same random-init model when `import vllm` works.
 
@@ -50,8 +52,10 @@ MODEL_SHAPES = {
     "dry": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=4096, tie_word_embeddings=True),
 }
-RUN_BLOCKING_RAY = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['ragft.train.local', *sys.argv[1:]]; "
-                    "runpy.run_module('ragft.train.local', run_name='__main__', alter_sys=True)")
+# ragft.train.local with the modules named in argv[1] (comma-separated) made unimportable
+RUN_BLOCKING = ("import runpy, sys; sys.modules.update(dict.fromkeys(filter(None, sys.argv[1].split(',')))); "
+                "sys.argv = ['ragft.train.local', *sys.argv[2:]]; "
+                "runpy.run_module('ragft.train.local', run_name='__main__', alter_sys=True)")
 
 
 class Budget:
@@ -104,12 +108,14 @@ def build_model(folder: Path, shape: str, cache_dir: Path, device: str) -> Path:
     return folder
 
 
-def train_run(name: str, overrides: list[str], out: Path, env: dict, timeout: float, last_step: int) -> dict:
-    """One `ragft.train.local` run without Ray; stopped once the metrics line of `last_step` is written."""
+def train_run(name: str, overrides: list[str], out: Path, env: dict, timeout: float, last_step: int,
+              blocked: tuple[str, ...] = ("ray",)) -> dict:
+    """One `ragft.train.local` run without Ray (nor any module of `blocked`); stopped once the metrics line of
+    `last_step` is written."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     log = out / f"{name}.log"
-    cmd = [sys.executable, "-c", RUN_BLOCKING_RAY, f"out_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-c", RUN_BLOCKING, ",".join(blocked), f"out_dir={run_dir}", *overrides]
     start = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -191,12 +197,13 @@ def markdown(report: dict) -> str:
              + f"; total {report['seconds']:.0f} s", ""]
     precision = "strategy.precision=auto" if report["dry_run"] else "bf16"
     lines += [f"## Training (ragft.train.local, {precision}, last logged window)", "",
-              "| method | kernels | status | tokens/s | MFU | peak mem GB | step s | loss |", "|---|---|---|---|---|---|---|---|"]
+              "| method | strategy | kernels | status | tokens/s | MFU | peak mem GB | step s | loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["training"]:
         def f(key, spec):
             return "-" if r.get(key) is None else format(r[key], spec)
 
-        lines.append(f"| {r['method']} | {r['kernels']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} "
+        lines.append(f"| {r['method']} | {r['strategy']} | {r['kernels']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} "
                      f"| {f('tokens_per_s', '.0f')} | {f('mfu', '.3f')} | {f('mem_gb', '.2f')} | "
                      f"{f('step_time_s', '.3f')} | {f('loss', '.4f')} |")
     lines += ["", "## Kernels vs torch reference (forward + backward)", ""]
@@ -254,7 +261,7 @@ def main() -> None:
     env = dict(os.environ, TRITON_INTERPRET="0", RAGFT_CACHE=str(cache), WANDB_MODE="disabled",
                PYTHONPATH=os.pathsep.join(filter(None, [str(KERNELS_SRC), os.environ.get("PYTHONPATH")])))
     common = ["model=local", f"model.name={'dry' if dry else 'llama1b'}", f"model.source={folder}",
-              "strategy=zero2", "cluster.num_workers=1", f"cluster.use_gpu={str(cuda).lower()}",
+              "cluster.num_workers=1", f"cluster.use_gpu={str(cuda).lower()}",
               f"strategy.precision={'bf16' if cuda else 'auto'}", "data.train_on_prompt=true",
               f"data.max_seq_len={128 if dry else 1024}", f"train.micro_batch_size={2 if dry else 8}",
               f"train.global_batch_size={2 if dry else 8}", f"train.max_steps={steps}", f"train.log_every={log_every}",
@@ -264,26 +271,32 @@ def main() -> None:
     report["training"] = []
     per_run = 40 if dry else 75  # what a run takes at least: below that left, it is not started
     run_timeout = 300 if dry else 3 * per_run
-    for method in ("full", "lora"):
-        for kernels in ("none", "ragft", "liger"):
-            row = {"method": method, "kernels": kernels}
-            if kernels == "liger" and liger_reason:
-                row.update(status="skipped", reason=liger_reason)
-            elif budget.left() < per_run:
-                row.update(status="skipped", reason="time budget spent")
-            else:
-                row.update(train_run(f"{method}-{kernels}", [*common, f"method={method}", f"model.kernels={kernels}"],
-                                     out, env, timeout=min(budget.left(), run_timeout), last_step=steps))
-            report["training"].append(row)
-            print(f"train {method} {kernels}: {row['status']} {row.get('tokens_per_s') or row.get('reason') or ''}",
-                  flush=True)
+    # ZeRO-2 and FSDP2 side by side, kernels none first: what the budget cuts is the least compared
+    rows = [(method, strategy, kernels) for kernels in ("none", "ragft", "liger") for method in ("full", "lora")
+            for strategy in ("zero2", "fsdp2") if not (kernels == "liger" and strategy == "fsdp2")]
+    for method, strategy, kernels in rows:
+        row = {"method": method, "strategy": strategy, "kernels": kernels}
+        if kernels == "liger" and liger_reason:
+            row.update(status="skipped", reason=liger_reason)
+        elif budget.left() < per_run:
+            row.update(status="skipped", reason="time budget spent")
+        else:
+            # FSDP2 needs neither Ray nor DeepSpeed: its runs prove it by failing to import both
+            blocked = ("ray", "deepspeed") if strategy == "fsdp2" else ("ray",)
+            row.update(train_run(f"{method}-{strategy}-{kernels}",
+                                 [*common, f"method={method}", f"strategy={strategy}", f"model.kernels={kernels}"],
+                                 out, env, timeout=min(budget.left(), run_timeout), last_step=steps, blocked=blocked))
+        report["training"].append(row)
+        print(f"train {method} {strategy} {kernels}: {row['status']} "
+              f"{row.get('tokens_per_s') or row.get('reason') or ''}", flush=True)
 
     if not (has("bitsandbytes") and cuda):
         report["qlora"] = {"status": "skipped", "reason": "needs CUDA and bitsandbytes"}
     elif budget.left() < per_run:
         report["qlora"] = {"status": "skipped", "reason": "time budget spent"}
     else:
-        report["qlora"] = train_run("qlora", [*common, "method=qlora", "train.max_steps=4", "train.log_every=4"],
+        report["qlora"] = train_run("qlora", [*common, "method=qlora", "strategy=zero2", "train.max_steps=4",
+                                              "train.log_every=4"],
                                     out, env, timeout=min(budget.left(), run_timeout), last_step=4)
     print(f"qlora: {report['qlora']['status']}", flush=True)
 
