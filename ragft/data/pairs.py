@@ -22,13 +22,12 @@ most twice that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ragft.data.pack import Row, segments_row
-from ragft.data.rows import FORMATS, Example, detect_format, parse_row, row_source
+from ragft.data.rows import Example, parse_row, read_source
 from ragft.data.tokenize import Encoded, encode
-from ragft.jsonl import ON_BAD_ROW, BadRowError, collect_rows, json_object
+from ragft.jsonl import BadRowError, json_object
 
 REPLIES = ("chosen", "rejected")
 
@@ -57,14 +56,7 @@ class EncodedPair:
 
 def read_pairs(path: str, fmt: str = "auto", on_bad_row: str = "error") -> tuple[list[Pair], list[BadRowError]]:
     """Every preference row of `path` (jsonl, a datasets folder or parquet), and the bad rows skipped."""
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"training data not found: {path}")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
-    return collect_rows(row_source(fmt, path), parse_pair, on_bad_row, path, "valid preference rows")
+    return read_source(path, fmt, on_bad_row, parse_pair, "valid preference rows")
 
 
 def parse_pair(row: Any, origin: str) -> Pair:
@@ -78,7 +70,8 @@ def parse_pair(row: Any, origin: str) -> Pair:
         raise BadRowError.at(origin, f"a preference row needs one prompt ('prompt' or 'messages'), found {found}"
                                      f"{missing_note}; keys {sorted(row)}")
     if missing:
-        raise BadRowError.at(origin, f"a preference row needs 'chosen' and 'rejected'; missing {missing}")
+        hint = "; an SFT row? train on those with objective=sft" if len(missing) == 2 else ""
+        raise BadRowError.at(origin, f"a preference row needs 'chosen' and 'rejected'; missing {missing}{hint}")
     prompt = row[prompt_keys[0]]
     if isinstance(prompt, str):
         return _text_pair(row, prompt, origin)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from ragft.jsonl import JSONL_SUFFIXES, ON_BAD_ROW, BadRowError, collect_rows, json_object, jsonl_rows
 
@@ -17,6 +17,7 @@ FORMATS = ("auto", "jsonl", "hf", "parquet")
 ROLES = ("system", "user", "assistant")
 # `Dataset.save_to_disk` always writes these two files next to the arrow shards.
 HF_MARKERS = ("dataset_info.json", "state.json")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,15 @@ def read_examples(path: str, fmt: str = "auto", on_bad_row: str = "error") -> Re
     With `on_bad_row="error"` the first bad row raises `BadRowError`; with "skip" every bad row
     is collected in `skipped`. A source with no valid row at all raises either way.
     """
+    examples, skipped = read_source(path, fmt, on_bad_row, parse_row, "valid rows")
+    return ReadResult(examples=examples, skipped=skipped)
+
+
+def read_source(path: str, fmt: str, on_bad_row: str, parse: Callable[[Any, str], T], what: str
+                ) -> tuple[list[T], list[BadRowError]]:
+    """`parse` applied to every row of `path` read as `fmt` (auto | jsonl | hf | parquet), and the bad rows
+    skipped (`on_bad_row=skip`; with error the first one raises). `what` names the valid rows in the error a
+    source without any raises."""
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if not Path(path).exists():
@@ -51,9 +61,7 @@ def read_examples(path: str, fmt: str = "auto", on_bad_row: str = "error") -> Re
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
-
-    examples, skipped = collect_rows(_ROW_READERS[fmt](path), parse_row, on_bad_row, path, "valid rows")
-    return ReadResult(examples=examples, skipped=skipped)
+    return collect_rows(_ROW_READERS[fmt](path), parse, on_bad_row, path, what)
 
 
 def detect_format(path: str) -> str:
@@ -74,11 +82,6 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: folder is neither a datasets save_to_disk folder nor holds .parquet files")
 
 
-def row_source(fmt: str, path: str) -> Iterator[tuple[str, Any]]:
-    """(origin "path:line", decoded row or BadRowError) for each row of `path` read as `fmt` (jsonl | hf | parquet)."""
-    return _ROW_READERS[fmt](path)
-
-
 def parse_row(row: Any, origin: str) -> Example:
     """The `Example` a decoded row describes, or `BadRowError` saying why it describes none.
 
@@ -86,6 +89,8 @@ def parse_row(row: Any, origin: str) -> Example:
     metadata columns load as they are.
     """
     json_object(row, origin)
+    if "chosen" in row and "rejected" in row:
+        raise BadRowError.at(origin, "a preference row (chosen/rejected): train on such rows with objective=dpo")
     shapes = [name for name, keys in _SHAPE_KEYS.items() if any(k in row for k in keys)]
     if not shapes:
         raise BadRowError.at(

@@ -237,3 +237,32 @@ def test_ray_train_dpo_logs_pair_metrics_and_learns_the_preference(ray_cluster, 
     assert manifest["metrics"]["eval_reward_accuracy"] == final["eval_reward_accuracy"]
     registered = read_rows(tmp_path / "registry.jsonl")
     assert registered[-1]["metrics"]["train.eval_reward_accuracy"] == final["eval_reward_accuracy"]
+
+
+def test_dpo_settings_and_data_are_checked_before_anything_runs(compose_train, tmp_path):
+    """Every objective problem at once (exit 2), then rows of the other objective named by file and line."""
+    from ragft.config.compose import compose_config
+    from ragft.data.pairs import read_pairs
+    from ragft.data.rows import read_examples
+    from ragft.errors import ConfigError
+    from ragft.jsonl import BadRowError
+    from ragft.train.spec import validate_train
+
+    with pytest.raises(ConfigError) as err:
+        validate_train(compose_train("objective=dpo", "data.train_on_prompt=true", "objective.dpo.beta=0",
+                                     "objective.dpo.label_smoothing=0.6"))
+    text = str(err.value)
+    assert "data.train_on_prompt=true" in text and "beta=0" in text and "label_smoothing=0.6" in text
+    with pytest.raises(ConfigError, match="sigmoid only"):
+        validate_train(compose_train("objective=dpo", "objective.dpo.loss_type=ipo", "objective.dpo.label_smoothing=0.1"))
+    with pytest.raises(Exception, match="loss_type=hinge"):  # a closed choice (DpoLoss): refused at compose
+        compose_config("train", ["objective=dpo", "objective.dpo.loss_type=hinge", f"out_dir={tmp_path}"])
+
+    sft_rows, pair_rows_ = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    sft_rows.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}]}) + "\n")
+    pair_rows_.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(BadRowError, match=r"sft.jsonl:1: .*objective=sft"):
+        read_pairs(str(sft_rows))
+    with pytest.raises(BadRowError, match=r"pairs.jsonl:1: .*objective=dpo"):
+        read_examples(str(pair_rows_))
