@@ -21,14 +21,15 @@ The reference model:
 - LoRA / QLoRA: the policy itself with its adapters disabled (peft's `disable_adapter()`), under no_grad. No second
   copy of anything; the frozen base is exactly the reference.
 - full fine-tuning: a frozen copy of the base model, loaded once per worker in the training dtype, without
-  gradients or optimizer state, and sharded like the policy under ZeRO-3 (a DeepSpeed engine with no optimizer).
+  gradients or optimizer state, and sharded like the policy under ZeRO-3 (a DeepSpeed engine with no optimizer)
+  and under FSDP2 (`fully_shard` per decoder layer, as the policy).
   Why a copy rather than reference log-probs precomputed in a first pass: the copy costs 2 bytes per parameter in
   bf16 (under ZeRO-3, 2/N per rank), against the policy's ~16 (bf16 weights, fp32 master, gradients, two Adam
   moments), so it is at most an eighth more memory when both are sharded alike; precomputing would cost no memory
   but an extra pass over the data before step 0, a table keyed by row that must follow Ray Data's sharding, and a
   file saved with every checkpoint for an exact resume. The copy is rebuilt from the base weights on resume, so a
   resumed run is exact with nothing saved. With ZeRO-0/1/2 the copy is whole on every rank: for a large model use
-  zero3.
+  zero3 or fsdp2.
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def build_reference(spec, dtype: torch.dtype, device):
                        use_cuda=spec.cluster.use_gpu)
     model.requires_grad_(False)
     model.eval()
+    if spec.strategy.backend == "fsdp2":
+        from ragft.train import fsdp2
+
+        return fsdp2.shard(model, spec, device)  # sharded as the policy, its compute dtype the policy's
     if spec.strategy.zero_stage != 3:
         return model.to(device)
     import deepspeed
