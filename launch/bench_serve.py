@@ -18,10 +18,15 @@ without dynamic batching, both apps measured in the same run.
    question and two documents, ~300 tokens on SmolLM2's tokenizer), closed loop: tokens/s to answer
    --total requests at each concurrency (wall and per CPU-second), time to first token, and the longest
    pause inside a stream (a prefill stall).
+5. With --adapter-load: `ragft serve` (--serve-engine transformers | vllm) on --model with a LoRA adapter A; closed-loop
+   clients ask A while an admin loads a second adapter (POST /v1/adapters) --loads times, unloading it in between:
+   the time each load takes (the server's `load_s`, all replicas) and the p50 / p99 latency of A's requests that
+   ran before the first load and of those in flight during a load.
 
     python launch/bench_serve.py [--requests 60] [--seconds 20] [--max-tokens 32] [--python-proxy] [--model DIR]
     python launch/bench_serve.py --engine --model DIR --concurrency 8 32 --max-tokens 16 [--total 64]
     python launch/bench_serve.py --vllm --model DIR --concurrency 1 8 32 --max-tokens 16 [--total 64] [--compile]
+    python launch/bench_serve.py --adapter-load --model DIR [--serve-engine vllm] [--concurrency 8] [--loads 10]
 """
 
 from __future__ import annotations
@@ -344,6 +349,105 @@ def _bare_vllm(args, warm: list, work: list) -> tuple[float, float]:
     return tokens / seconds, start_s
 
 
+def lora_checkpoint(base: Path, dest: Path, seed: int, rank: int) -> Path:
+    """A random LoRA adapter (every linear layer) on `base` with a ragft manifest, as `ragft train` writes one."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ragft.checkpoints import MANIFEST, sha256_file
+
+    if not (dest / MANIFEST).is_file():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base)
+        config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                            init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(dest)
+        files = {str(p.relative_to(dest)): sha256_file(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+        (dest / MANIFEST).write_text(json.dumps({"format": "ragft-checkpoint/1", "run_id": f"bench-{seed}",
+                                                 "step": 1, "method": "lora", "metrics": {}, "files": files,
+                                                 "model": {"name": base.name, "source": str(base)}}))
+    return dest
+
+
+def bench_adapter_load(args) -> None:
+    """Latency of requests on adapter A before and during runtime loads of adapter B, and the loads' duration."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from ragft.config.compose import compose_config
+    from ragft.serve.keys import ADMIN_KEY_ENV, API_KEYS_ENV
+    from ragft.serve.run import run_serve, serve_env
+    from ragft.serve.spec import validate_serve
+
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="ragft-bench-adapters-"))
+    base = Path(args.model).resolve()
+    a = lora_checkpoint(base, root / "adapter-a", 1, args.lora_rank)
+    b = lora_checkpoint(base, root / "adapter-b", 2, args.lora_rank)
+    user, admin = "bench-user-key-0123456789", "bench-admin-key-0123456789"
+    os.environ[API_KEYS_ENV], os.environ[ADMIN_KEY_ENV] = user, admin
+    for key, value in serve_env(haproxy=not args.python_proxy).items():
+        os.environ.setdefault(key, value)
+    engine = [f"serve.engine={args.serve_engine}"] + (
+        ["serve.vllm.enforce_eager=true", f"serve.vllm.kv_cache_gb={args.kv_cache_gb}"]
+        if args.serve_engine == "vllm" else [])
+    spec = validate_serve(compose_config("serve", [
+        f"checkpoint={a}", "serve.name=A", "index.path=null", f"serve.port={8125}", f"out_dir={root / 'run'}",
+        *engine, f"serve.dtype={args.dtype}", "serve.generation_timeout_s=300", "serve.request_timeout_s=600"]))
+    ray.init(configure_logging=False, log_to_driver=False)
+    url = run_serve(spec, wait=False)["url"]
+    spans, lock, stop = [], threading.Lock(), threading.Event()
+
+    def client_loop(i: int) -> None:
+        body = {"model": "A", "prompt": QUESTIONS[i % len(QUESTIONS)], "max_tokens": args.max_tokens,
+                "temperature": 0}
+        with httpx.Client(timeout=600, headers={"authorization": f"Bearer {user}"}) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.post(f"{url}/completions", json=body).raise_for_status()
+                with lock:
+                    spans.append((started, time.perf_counter()))
+
+    loads = []
+    try:
+        threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.concurrency[0])]
+        for t in threads:
+            t.start()
+        time.sleep(args.seconds)  # before: warm-up included, cut below
+        with httpx.Client(timeout=600, headers={"authorization": f"Bearer {admin}"}) as client:
+            root_url = url.removesuffix("/v1")
+            for _ in range(args.loads):
+                started = time.perf_counter()
+                answer = client.post(f"{root_url}/v1/adapters", json={"name": "B", "checkpoint": str(b)})
+                answer.raise_for_status()
+                loads.append((started, time.perf_counter(), answer.json()["load_s"]))
+                time.sleep(1.0)
+                client.delete(f"{root_url}/v1/adapters/B").raise_for_status()
+                time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    first = loads[0][0]
+    warm = [s for s in spans if s[0] > spans[0][1]]  # from the first request's end on
+    before = [(e - s) * 1000 for s, e in warm if e < first]
+    during = [(e - s) * 1000 for s, e in spans if any(s < le and e > ls for ls, le, _ in loads)]
+    print(f"\n{base.name}, serve.engine={args.serve_engine}, LoRA rank {args.lora_rank} on every linear layer, "
+          f"{args.concurrency[0]} closed-loop clients on A, max_tokens={args.max_tokens}, {args.loads} loads of B")
+    print(f"load (POST /v1/adapters, server-side load_s): p50 {_pct([l for _, _, l in loads], 50) * 1000:.0f} ms, "
+          f"max {max(l for _, _, l in loads) * 1000:.0f} ms; client-side p50 "
+          f"{_pct([(e - s) for s, e, _ in loads], 50) * 1000:.0f} ms")
+    print(f"A's request latency before any load: p50 {_pct(before, 50):.0f} ms, p99 {_pct(before, 99):.0f} ms "
+          f"({len(before)} requests)")
+    print(f"A's request latency in flight during a load: p50 {_pct(during, 50):.0f} ms, p99 {_pct(during, 99):.0f} ms "
+          f"({len(during)} requests)")
+
+
 def _pct(values: list[float], q: float) -> float:
     """The q-th percentile of `values` (one of them: nearest rank), NaN when there are none."""
     return float(np.percentile(values, q, method="nearest")) if len(values) else float("nan")
@@ -367,7 +471,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="--engine: torch threads (0: torch's default)")
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="--engine: the engine's prefill budget "
                         "per step (default: the engine's; 0: none, every waiting request joins at once)")
+    parser.add_argument("--adapter-load", action="store_true", help="latency during runtime adapter loads (needs --model)")
+    parser.add_argument("--serve-engine", default="transformers", help="--adapter-load: transformers | vllm")
+    parser.add_argument("--loads", type=int, default=10, help="--adapter-load: loads (each unloaded again)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--adapter-load: the adapters' LoRA rank")
     args = parser.parse_args()
+    if args.adapter_load:
+        if args.model is None:
+            parser.error("--adapter-load needs --model")
+        bench_adapter_load(args)
+        return
     if args.engine or args.vllm:
         if args.model is None:
             parser.error("--engine and --vllm need --model")

@@ -4,6 +4,7 @@
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
+  ragft serve promote checkpoint=<ref> serve.url=<url> as=<name> [--force] → ragft.serve.promote.run_promote
   ragft eval   → ragft.eval.spec.validate_eval → ragft.eval.run.run_eval → report.{json,md,png} + registry
   ragft data raft → ragft.raft.job.validate_raft → run_raft → RAFT chat rows (JSONL)
   ragft export → ragft.export.spec.validate_export → ragft.export.write.run_export → one merged model folder
@@ -160,6 +161,26 @@ def registry_command(args: list[str]) -> int:
     return 0
 
 
+def promote_command(args: list[str]) -> int:
+    """`ragft serve promote checkpoint=<ref> serve.url=<url> as=<name> [--force] [promote.<key>=...]`: serve.yaml's
+    keys, `as=` for promote.name and `--force` for promote.force=true."""
+    def body() -> None:
+        from ragft.config.compose import compose_config
+        from ragft.config.validation import typed_job_config
+        from ragft.errors import ConfigError
+        from ragft.serve.promote import run_promote
+
+        overrides = ["promote.force=true" if a == "--force" else "promote.name=" + a[3:] if a.startswith("as=")
+                     else a for a in args]
+        try:
+            cfg = compose_config("serve", overrides)
+        except Exception as err:  # an unknown key or a bad value: Hydra says which
+            raise ConfigError([str(err).splitlines()[0]]) from None
+        run_promote(typed_job_config(cfg))
+
+    return run_command("serve promote", body, "stderr")
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: ragft {{{','.join(COMMANDS)}}} [key=value ...] [--cfg job] [--help]", file=sys.stderr)
@@ -167,6 +188,8 @@ def main() -> None:
     command = sys.argv.pop(1)
     if command == "registry":  # reads one file: no Hydra app, no run folder
         sys.exit(registry_command(sys.argv[1:]))
+    if command == "serve" and sys.argv[1:2] == ["promote"]:  # talks to a running server: no run folder either
+        sys.exit(promote_command(sys.argv[2:]))
     if command == "data":  # `ragft data <builder>`: RAFT is the one builder so far
         if sys.argv[1:2] != ["raft"]:
             print("usage: ragft data raft qa.path=<questions> index.path=<index> [key=value ...]", file=sys.stderr)

@@ -9,6 +9,9 @@ Reading folds the events per checkpoint, later metrics updating earlier ones.
 `resolve("latest")` is the most recently registered checkpoint that still exists;
 `resolve("best", metric=..., mode="max")` the one with the best recorded value of `metric`
 (e.g. `ft_rag.token_f1`). Checkpoints deleted from disk are skipped, never returned.
+
+`ragft serve promote` records what it loaded into a running server (`record_serving`): which
+checkpoint serves under which name at which address, since when; `serving` reads it back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Entry:
     updated: float = 0.0  # time of the last event
     metrics: dict = field(default_factory=dict)  # "<system>.<metric>" -> value, e.g. "ft_rag.exact_match"
     links: dict = field(default_factory=dict)  # report, wandb, ...
+    served: list = field(default_factory=list)  # {name, url, since, ...} each time it was promoted into a server
 
     @property
     def exists(self) -> bool:
@@ -75,6 +79,8 @@ def entries(path: str | Path) -> list[Entry]:
                 setattr(entry, key, event[key])
         entry.metrics.update(event.get("metrics") or {})
         entry.links.update(event.get("links") or {})
+        if event.get("served"):
+            entry.served.append(event["served"])
         entry.updated = event["time"]
     return sorted(folded.values(), key=lambda e: e.registered)
 
@@ -98,6 +104,21 @@ def resolve(path: str | Path, which: str, metric: Optional[str] = None, mode: st
         pick = max if mode == "max" else min
         return pick(scored, key=lambda e: (e.metrics[metric], e.registered))
     raise ValueError(f"which must be latest or best, got {which!r}")
+
+
+def record_serving(path: str | Path, checkpoint: str | Path, name: str, url: str, **details) -> dict:
+    """Record that `checkpoint` serves as `name` at `url` from now on (`details`: the gate's numbers)."""
+    return record(path, checkpoint, served={"name": name, "url": url, "since": time.time(), **details})
+
+
+def serving(path: str | Path, url: str) -> dict[str, dict]:
+    """What serves under each name at `url`, by the promotions recorded: {name: {checkpoint, since, ...}}."""
+    latest: dict[str, dict] = {}
+    for entry in entries(path):
+        for served in entry.served:
+            if served["url"] == url and served["since"] >= latest.get(served["name"], {}).get("since", 0):
+                latest[served["name"]] = {**served, "checkpoint": entry.checkpoint}
+    return latest
 
 
 def table(path: str | Path, metrics: Optional[list[str]] = None) -> str:

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -35,10 +36,12 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ragft.model.build import context_length, load_tokenizer
-from ragft.generate.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, TokenLogprob,
-    check_logprobs_request, check_request, model_names, stop_token_ids)
+from ragft.generate.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, RuntimeAdapters,
+    TokenLogprob, check_logprobs_request, check_request, model_names, stop_token_ids)
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # vLLM reads it when the engine is created
+# The LoRA rank an engine that may load adapters at runtime holds at least (vLLM sizes its slots for the largest)
+RUNTIME_LORA_RANK = 16
 
 
 def available() -> bool:
@@ -73,7 +76,7 @@ class VLLMEngine(Engine):
                  full_models: Optional[dict[str, str]] = None, device: str = "auto",
                  dtype: torch.dtype | str = "auto", kv_cache_gb: Optional[float] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 max_num_seqs: Optional[int] = None, seed: int = 0):
+                 max_num_seqs: Optional[int] = None, seed: int = 0, max_adapters: int = 0):
         adapters, full_models = dict(adapters or {}), dict(full_models or {})
         self.models = model_names(base_name, adapters, full_models)
         if full_models and (base_name is not None or adapters or len(full_models) > 1):
@@ -102,6 +105,13 @@ class VLLMEngine(Engine):
             generation = []
         self.stop_token_ids: frozenset[int] = stop_token_ids(self.tokenizer, generation)
         self._loras = {name: LoRARequest(name, i + 1, str(adapter)) for i, (name, adapter) in enumerate(adapters.items())}
+        # Adapters loaded at runtime (load_adapter): a new LoRARequest id each, removed from vLLM (remove_lora) once
+        # no request uses it; at most max_adapters of them, least recently used evicted first.
+        self._runtime = RuntimeAdapters(max_adapters if not full_models else 0)
+        self._lora_ids = itertools.count(len(adapters) + 1)
+        self._retiring: dict[int, LoRARequest] = {}
+        self._request_lora: dict[str, int] = {}  # vLLM request id -> the LoRA id it runs on
+        self._batches: weakref.WeakSet = weakref.WeakSet()
 
         args = dict(model=path, tokenizer=path, dtype=_dtype_name(dtype), seed=seed, max_model_len=self.context_length,
                     enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization, disable_log_stats=True)
@@ -109,8 +119,8 @@ class VLLMEngine(Engine):
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_num_seqs is not None:
             args["max_num_seqs"] = max_num_seqs
-        if adapters:
-            rank = max(lora_rank(p) for p in adapters.values())
+        if adapters or self._runtime.cap:
+            rank = max([lora_rank(p) for p in adapters.values()] + [RUNTIME_LORA_RANK] * bool(self._runtime.cap))
             ranks = sorted(r for r in typing.get_args(MaxLoRARanks) if r >= rank)
             if not ranks:
                 raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({max(typing.get_args(MaxLoRARanks))})")
@@ -118,8 +128,10 @@ class VLLMEngine(Engine):
             # row's slot, and a row without an adapter has slot -1: the last slot. Kept empty, it adds nothing;
             # filled, a base row next to adapter rows would get that adapter's update
             # (https://github.com/vllm-project/vllm/pull/48421).
-            slots = len(adapters) + 1
+            # Runtime adapters: their cap, and one more for an unloaded adapter whose requests still run.
+            slots = len(adapters) + 1 + (self._runtime.cap + 1 if self._runtime.cap else 0)
             args.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=ranks[0])
+        self._max_lora_rank = args.get("max_lora_rank", 0)
         # vLLM's own engine-core process sets torch's intra-op threads to 1 (unless OMP_NUM_THREADS says otherwise):
         # its CPU kernels run OpenMP threads of their own, which torch's would spin against. In-process nothing does.
         set_torch_threads_for_runtime()
@@ -131,7 +143,60 @@ class VLLMEngine(Engine):
         self._stash: dict[str, list] = {}
 
     def open_batch(self, max_rows: Optional[int] = None) -> VLLMBatch:
-        return VLLMBatch(self, max_rows)
+        batch = VLLMBatch(self, max_rows)
+        self._batches.add(batch)
+        return batch
+
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        from vllm.lora.request import LoRARequest
+
+        if name in self.models and name not in self._runtime:
+            raise ValueError(f"{name!r} is served since start-up; an adapter loaded at runtime needs another name")
+        if self._runtime.cap and lora_rank(path) > self._max_lora_rank:
+            raise ValueError(f"{path}: LoRA rank {lora_rank(path)} is above the {self._max_lora_rank} this engine "
+                             f"was started with")
+        with self._lock:
+            lora = LoRARequest(name, next(self._lora_ids), str(path))
+            evicted = self._runtime.add(name, str(path))
+            self._llm.add_lora(lora)  # loaded now, not at the first request's step
+            replaced = self._loras.get(name)
+            self._loras[name] = lora
+            if replaced is not None:
+                self._retiring[replaced.lora_int_id] = replaced
+            elif name not in self.models:
+                self.models.append(name)
+            for old in evicted:
+                self._retire(old)
+            self._drop_unused()
+        return evicted
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._runtime:
+                raise KeyError(name)
+            self._runtime.remove(name)
+            self._retire(name)
+            self._drop_unused()
+
+    @property
+    def runtime_adapters(self) -> dict[str, str]:
+        return dict(self._runtime.paths)
+
+    def _retire(self, name: str) -> None:
+        if name in self.models:
+            self.models.remove(name)
+        lora = self._loras.pop(name)
+        self._retiring[lora.lora_int_id] = lora
+
+    def _drop_unused(self) -> None:
+        """Remove from vLLM the unloaded adapters no request, waiting or running, uses (the caller holds the lock)."""
+        if not self._retiring:
+            return
+        in_use = set(self._request_lora.values()).union(*(b.loras_in_use() for b in list(self._batches)))
+        for lora_id in list(self._retiring):
+            if lora_id not in in_use:
+                self._llm.remove_lora(lora_id)
+                del self._retiring[lora_id]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[Delta]]]:
         # Not a generator function itself: a bad request raises here, at the call, before any compute.
@@ -200,10 +265,14 @@ class VLLMEngine(Engine):
                         done[output.request_id] = output.prompt_logprobs
         return [done[i] for i in ids]
 
-    def _submit(self, model: str, prompt: list[int], params, name: str) -> str:
-        """Hand one request to vLLM (the caller holds the lock); its vLLM request id."""
+    def _submit(self, model: str, prompt: list[int], params, name: str, lora=None) -> str:
+        """Hand one request to vLLM (the caller holds the lock); its vLLM request id. `lora`: the adapter the request
+        was admitted on (it may have been unloaded since: it finishes on it)."""
         request_id = f"{name}#{next(self._ids)}"
-        self._llm.add_request(request_id, {"prompt_token_ids": prompt}, params, lora_request=self._loras.get(model))
+        lora = lora or self._loras.get(model)
+        self._llm.add_request(request_id, {"prompt_token_ids": prompt}, params, lora_request=lora)
+        if lora is not None:
+            self._request_lora[request_id] = lora.lora_int_id
         return request_id
 
     def _advance(self, ids: set[str]) -> list:
@@ -211,6 +280,8 @@ class VLLMEngine(Engine):
         taken = [output for request_id in ids for output in self._stash.pop(request_id, [])]
         if self._llm.has_unfinished_requests():
             for output in self._llm.step():
+                if output.finished:
+                    self._request_lora.pop(output.request_id, None)
                 if output.request_id in ids:
                     taken.append(output)
                 else:
@@ -221,6 +292,7 @@ class VLLMEngine(Engine):
         self._llm.abort_request(ids)
         for request_id in ids:
             self._stash.pop(request_id, None)
+            self._request_lora.pop(request_id, None)
 
     def sampling_params(self, request: GenerationRequest):
         """vLLM's SamplingParams for a ragft request (checked already)."""
@@ -245,14 +317,21 @@ class VLLMBatch(Batch):
             raise ValueError(f"max_rows must be at least 1 or None, got {max_rows}")
         self._engine = engine
         self._max_rows = max_rows
-        self._pending: list[tuple[object, GenerationRequest]] = []
+        self._pending: list[tuple[object, GenerationRequest, object]] = []  # key, request, its LoRARequest
         self._pending_lock = threading.Lock()
         self._running: dict[str, _Stream] = {}  # vLLM request id -> its stream
 
     def add(self, key, request: GenerationRequest) -> None:
         check_request(self._engine, request)
+        self._engine._runtime.used(request.model)
+        lora = self._engine._loras.get(request.model)
         with self._pending_lock:
-            self._pending.append((key, request))
+            self._pending.append((key, request, lora))
+
+    def loras_in_use(self) -> set[int]:
+        """The LoRA ids of the requests waiting here (not yet handed to vLLM)."""
+        with self._pending_lock:
+            return {lora.lora_int_id for _, _, lora in self._pending if lora is not None}
 
     @property
     def busy(self) -> bool:
@@ -270,19 +349,20 @@ class VLLMBatch(Batch):
                     stream = self._running.pop(request_id)
                     out[stream.key] = Delta(stream.request_id, "", stream.count, "length", timed_out=True,
                                             token_ids=stream.unsent)
-            for key, request in self._take_pending():
+            for key, request, lora in self._take_pending():
                 if request.deadline is not None and request.deadline <= now:
                     out[key] = Delta(request.request_id, "", 0, "length", timed_out=True)
                     continue
                 vllm_id = engine._submit(request.model, list(request.prompt_ids), engine.sampling_params(request),
-                                         request.request_id)
+                                         request.request_id, lora)
                 self._running[vllm_id] = _Stream(key, request.request_id, request.deadline, request.params.lstrip)
             if self._running:
                 for output in engine._advance(set(self._running)):
                     self._take(output, out)
+            engine._drop_unused()
         return out
 
-    def _take_pending(self) -> list[tuple[object, GenerationRequest]]:
+    def _take_pending(self) -> list[tuple[object, GenerationRequest, object]]:
         with self._pending_lock:
             room = len(self._pending) if self._max_rows is None else max(0, self._max_rows - len(self._running))
             taken, self._pending = self._pending[:room], self._pending[room:]

@@ -6,8 +6,10 @@ import dataclasses
 import os
 
 from ray.serve import Application
+from ray.serve.config import DeploymentActorConfig
 
 from ragft.config.schema import DeploymentConfig
+from ragft.serve.adapters import ACTOR_NAME
 from ragft.serve.deployments import Retriever, TextGenerator
 from ragft.serve.ingress import Ingress
 from ragft.serve.spec import ServeSpec
@@ -21,10 +23,13 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CA
 def build_app(spec: ServeSpec, context_length: int) -> Application:
     s = spec.serve
     engine = dict(base_path=spec.base_path, base_name=spec.base_name, adapters=spec.adapters,
-                  full_models=spec.full_models, device=s.device, dtype=s.dtype)
+                  full_models=spec.full_models, device=s.device, dtype=s.dtype, max_adapters=s.max_adapters)
     if s.engine == "vllm":
         engine.update(dataclasses.asdict(s.vllm))
-    generator = TextGenerator.options(**deployment_options(s.generator)).bind(
+    # the adapters loaded at runtime, which every generator replica (those started later too) syncs from
+    adapter_set = DeploymentActorConfig(name=ACTOR_NAME, actor_class="ragft.serve.adapters:AdapterSet",
+                                        init_kwargs={"cap": s.max_adapters}, actor_options={"num_cpus": 0})
+    generator = TextGenerator.options(**deployment_options(s.generator), deployment_actors=[adapter_set]).bind(
         s.engine, engine, s.batch.enabled, s.batch.max_batch_size, s.batch.batch_wait_timeout_s)
     retriever = None
     if spec.index_path:

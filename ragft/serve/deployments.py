@@ -12,7 +12,8 @@ the next decode step (a burst over the next few, within the engine's prefill bud
 no request waits for another to finish. (serve.batch alone forms a
 batch from the requests that arrive within its timeout and runs it to the end: under a closed
 loop the arrivals spread out and every batch ends up holding one request.) `complete` returns
-the final text, `stream` yields each piece.
+the final text, `stream` yields each piece. Adapters loaded at runtime are kept in step with the
+app's AdapterSet (ragft.serve.adapters): `sync_adapters` loads and unloads what differs from it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ragft.index.update import update_index
 from ragft.model.precision import resolve_device, resolve_dtype
 from ragft.generate.engine import Engine, GenerationRequest, TokenLogprob
 from ragft.generate.transformers_engine import TransformersEngine
+from ragft.serve.adapters import ACTOR_NAME, SYNC_S
 
 log = logging.getLogger("ray.serve")
 
@@ -99,8 +101,8 @@ class Retriever:
 
 @serve.deployment
 class TextGenerator:
-    def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
-                 batch_wait_timeout_s: float):
+    async def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
+                       batch_wait_timeout_s: float):
         self.engine = open_engine(engine, on_this_node(engine_args))
         # batching off = one request decoding at a time, through the same code: the benchmark's baseline.
         self._max_rows = max_batch_size if batch_enabled else 1
@@ -109,9 +111,44 @@ class TextGenerator:
         self._admit.set_batch_wait_timeout_s(batch_wait_timeout_s if batch_enabled else 0.0)
         self._sinks: dict[str, asyncio.Queue] = {}  # request id -> the queue its deltas go to
         self._decoding: Optional[asyncio.Task] = None
+        self._adapters_lock = asyncio.Lock()
+        self._adapters_synced = 0.0
+        await self.sync_adapters()  # a replica started after adapters were loaded serves them too
 
     def ping(self) -> bool:
         return True
+
+    async def adapters(self) -> dict:
+        """The app's AdapterSet: {version, adapters: {name: entry}}."""
+        return await serve.get_deployment_actor(ACTOR_NAME).get.remote()
+
+    async def change_adapters(self, name: str, entry: Optional[dict], last_used: dict[str, float]) -> dict:
+        """Put (entry) or remove (None) adapter `name` in the app's AdapterSet: {version, adapters, evicted}."""
+        adapters = serve.get_deployment_actor(ACTOR_NAME)
+        if entry is None:
+            return await adapters.remove.remote(name)
+        return await adapters.put.remote(name, entry, last_used)
+
+    async def sync_adapters(self) -> dict:
+        """Load and unload what this replica's engine holds until it matches the AdapterSet (called on every
+        replica by broadcast after a change): {version, adapters: {name: checkpoint}, failed: {name: error}}."""
+        async with self._adapters_lock:
+            state = await serve.get_deployment_actor(ACTOR_NAME).get.remote()
+            self._adapters_synced = time.monotonic()
+            want = {name: entry["checkpoint"] for name, entry in state["adapters"].items()}
+            failed = {}
+            for name in set(self.engine.runtime_adapters) - set(want):
+                await asyncio.to_thread(self.engine.unload_adapter, name)
+            for name, path in want.items():
+                if self.engine.runtime_adapters.get(name) != path:
+                    started = time.perf_counter()
+                    try:
+                        await asyncio.to_thread(self.engine.load_adapter, name, path)
+                    except Exception as err:  # this adapter's problem (a rank the engine cannot hold): report it
+                        failed[name] = f"{type(err).__name__}: {err}"
+                        continue
+                    log.info("loaded adapter %s from %s in %.2f s", name, path, time.perf_counter() - started)
+            return {"version": state["version"], "adapters": self.engine.runtime_adapters, "failed": failed}
 
     async def complete(self, request: GenerationRequest) -> dict:
         """The finished completion: {text, token_ids, completion_tokens, finish_reason, timed_out, generation_s}.
@@ -151,6 +188,9 @@ class TextGenerator:
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue]:
         """Requests that arrive together join the running batch (prefilled together, as many per step as the
         engine's prefill budget takes); returns at once, so admission never waits for a decode."""
+        if time.monotonic() - self._adapters_synced > SYNC_S and not self._adapters_lock.locked():
+            self._adapters_synced = time.monotonic()  # one catch-up at a time
+            asyncio.get_running_loop().create_task(self.sync_adapters())
         queues = []
         for request in requests:
             queue: asyncio.Queue = asyncio.Queue()

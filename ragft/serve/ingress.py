@@ -8,7 +8,9 @@ RAFT data use) → checks it fits the context → generates through the TextGene
 engine request per choice → answers with `citations` beside `choices`.
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
-POST /v1/index/documents and DELETE /v1/index/documents/{id} (admin key).
+POST /v1/index/documents and DELETE /v1/index/documents/{id} (admin key), POST /v1/adapters and
+DELETE /v1/adapters/{name} (admin key: LoRA adapters loaded into every generator replica at runtime,
+ragft.serve.adapters).
 
 Here are the deployment, its routes, the frame they run in and the steps they share (limits, retrieval,
 generation); what belongs to one concern lives beside it: /v1/completions' limits and prompts in
@@ -30,10 +32,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ragft.generate.engine import GenerationRequest, SamplingParams
+from ragft.generate.engine import GenerationRequest, SamplingParams, UnknownModelError
 from ragft.index.documents import parse_document
 from ragft.jsonl import BadRowError
 from ragft.rag import citations, prompt_ids, query_of
+from ragft.serve.adapters import SYNC_S, check_adapter, entry_of, parse_load, served_model
 from ragft.serve.completions import check_prompt_count, check_retrievable, prompt_inputs, prompt_summary
 from ragft.serve.logprobs import choices_logprobs
 from ragft.serve.observe import Observer, RequestRecord, log
@@ -108,6 +111,10 @@ class Ingress:
         self.spec, self.config = spec, spec.serve
         self.retriever, self.generator = retriever, generator
         self.models = {m.id: m for m in spec.models}
+        self.runtime: dict = {}  # adapters loaded at runtime: id -> ServedModel (the AdapterSet's, as last read)
+        self.last_used: dict[str, float] = {}  # runtime adapter -> when a request last named it (for eviction)
+        self._adapters_read = 0.0  # monotonic time the runtime set was last read (0: never)
+        self._adapters_change = asyncio.Lock()  # one load or unload at a time through this ingress
         self.tokenizer = load_tokenizer(spec.base_path)
         self.context_length = context_length
         self.min_version = 0  # the newest index version this ingress published: searches must see at least it
@@ -149,16 +156,30 @@ class Ingress:
     async def delete_document(self, request: Request, doc_id: str) -> Response:
         return await self._serve(request, "index_delete", lambda req, rec: self._delete(doc_id, rec), admin=True)
 
+    @app.post("/v1/adapters")
+    async def load_adapter(self, request: Request) -> Response:
+        return await self._serve(request, "adapter_load", self._load_adapter, admin=True)
+
+    @app.delete("/v1/adapters/{name:path}")
+    async def unload_adapter(self, request: Request, name: str) -> Response:
+        return await self._serve(request, "adapter_unload", lambda req, rec: self._unload_adapter(name, rec),
+                                 admin=True)
+
     # --- the frame every route runs in
 
     async def _serve(self, request: Request, route: str, handler, admin: bool = False) -> Response:
         rec = RequestRecord(id=new_id("req"), method=request.method, path=request.url.path, route=route)
         try:
             rec.role = self._authorize(request, admin)
+            if time.monotonic() - self._adapters_read > SYNC_S:
+                await self._read_adapters()
             response = await asyncio.wait_for(handler(request, rec), timeout=self.config.request_timeout_s)
         except APIError as err:
             response = error_response(err)
             rec.error = err.code
+        except UnknownModelError as err:  # unloaded between this ingress's check and the generator's
+            response = error_response(APIError(404, str(err), param="model", code="model_not_found"))
+            rec.error = "model_not_found"
         except asyncio.TimeoutError:
             err = APIError(504, f"the request took longer than serve.request_timeout_s={self.config.request_timeout_s}",
                              "timeout", code="request_timeout")
@@ -189,7 +210,7 @@ class Ingress:
                              code="invalid_api_key")
         if admin and role != "admin":
             reason = "this key is not an admin key" if keys.admin else "no admin key is configured (RAGFT_ADMIN_KEY)"
-            raise APIError(403, f"index updates need the admin key: {reason}", "permission_error",
+            raise APIError(403, f"this route needs the admin key: {reason}", "permission_error",
                              code="insufficient_permissions")
         return role
 
@@ -201,7 +222,57 @@ class Ingress:
         data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "ragft",
                  "parent": base if m.kind == "lora" else None, **m.to_json(), "index_version": version}
                 for m in self.models.values()]
+        data += [{"id": m.id, "object": "model", "created": int(loaded), "owned_by": "ragft", "parent": base,
+                  **m.to_json(), "index_version": version, "runtime": True}
+                 for m, loaded in self.runtime.values()]
         return JSONResponse({"object": "list", "data": data})
+
+    async def _load_adapter(self, request: Request, rec: RequestRecord) -> Response:
+        name, checkpoint = parse_load(await self._body(request), self.spec)
+        model = await asyncio.to_thread(check_adapter, self.spec, name, checkpoint)  # reads and hashes the files
+        started = time.perf_counter()
+        async with self._adapters_change:
+            state = await self.generator.change_adapters.remote(name, entry_of(model), dict(self.last_used))
+            replicas = await self._sync_replicas()
+            failed = {r["failed"][name] for r in replicas if name in r["failed"]}
+            if failed:  # a replica could not load it: no replica serves it
+                await self.generator.change_adapters.remote(name, None, {})
+                await self._sync_replicas()
+                raise APIError(422, f"checkpoint {model.path}: {'; '.join(sorted(failed))}", param="checkpoint",
+                               code="adapter_load_failed")
+        rec.model = name
+        return JSONResponse({"id": name, "object": "adapter", "loaded": True, **model.to_json(),
+                             "replicas": len(replicas), "evicted": state["evicted"],
+                             "load_s": round(time.perf_counter() - started, 3)})
+
+    async def _unload_adapter(self, name: str, rec: RequestRecord) -> Response:
+        if name in self.models:
+            raise APIError(409, f"{name!r} is served since start-up; only adapters loaded at runtime unload",
+                           param="name", code="model_not_unloadable")
+        async with self._adapters_change:
+            await self._read_adapters()
+            if name not in self.runtime:
+                raise APIError(404, f"no adapter {name!r} was loaded at runtime", param="name",
+                               code="model_not_found")
+            self.runtime.pop(name)  # later requests through this ingress: 404 from now on
+            await self.generator.change_adapters.remote(name, None, {})
+            replicas = await self._sync_replicas()
+        rec.model = name
+        return JSONResponse({"id": name, "object": "adapter", "deleted": True, "replicas": len(replicas)})
+
+    async def _sync_replicas(self) -> list[dict]:
+        """Have every generator replica apply the AdapterSet; what each reports. Then this ingress reads it too."""
+        replicas = await self.generator.broadcast("sync_adapters").results_async(
+            timeout_s=self.config.request_timeout_s)
+        await self._read_adapters()
+        return replicas
+
+    async def _read_adapters(self) -> None:
+        """This ingress's copy of the runtime-loaded adapters, from the AdapterSet (through one generator)."""
+        self._adapters_read = time.monotonic()
+        state = await self.generator.adapters.remote()
+        self.runtime = {name: (served_model(entry), entry["loaded"]) for name, entry in state["adapters"].items()}
+        self.last_used = {name: t for name, t in self.last_used.items() if name in self.runtime}
 
     async def _chat(self, request: Request, rec: RequestRecord) -> Response:
         req = parse(ChatRequest, await self._body(request))
@@ -311,7 +382,9 @@ class Ingress:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _model(self, model: str, rec: RequestRecord) -> str:
-        if model not in self.models:
+        if model in self.runtime:
+            self.last_used[model] = time.time()
+        elif model not in self.models:
             raise APIError(404, f"The model '{model}' does not exist; GET /v1/models lists the ones served.",
                              param="model", code="model_not_found")
         rec.model = model

@@ -12,6 +12,7 @@ to a path, so no request can make the server read outside the folders configured
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ragft.checkpoints import ADAPTER_CONFIG, MANIFEST, ServedModel, describe, resolve_checkpoint
-from ragft.config.schema import ClusterConfig, IndexConfig, RetrievalConfig, ServeConfig, ServeJobConfig
+from ragft.config.schema import (ClusterConfig, IndexConfig, RegistryConfig, RetrievalConfig, ServeConfig,
+    ServeJobConfig)
 from ragft.config.validation import typed_job_config
 from ragft.errors import ConfigError
 from ragft.index.spec import check_retrieval
@@ -46,6 +48,9 @@ class ServeSpec:
     keys: KeyRing = field(repr=False)
     out_dir: str
     resolved_config: dict = field(default_factory=dict, compare=False, hash=False)
+    # where POST /v1/adapters resolves checkpoint=best|latest (absolute: replicas run in other folders)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    train_runs_dir: str = "runs/train"
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -76,7 +81,9 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
         base_path=base_path, models=tuple(models), default_model=main_id, index_path=index_path, index=job.index,
         retrieval=job.retrieval, serve=s, cluster=job.cluster, keys=keys,
         out_dir=str(Path(job.out_dir).expanduser().resolve()),
-        resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        registry=dataclasses.replace(job.registry, path=str(Path(job.registry.path).expanduser().resolve())),
+        train_runs_dir=str(Path(job.train_runs_dir).expanduser().resolve()))
 
 
 def _served_models(job: ServeJobConfig) -> tuple[list[ServedModel], str | None, list[str]]:
@@ -160,6 +167,8 @@ def _limit_problems(s: ServeConfig, models: list[ServedModel]) -> list[str]:
     for key in ("request_timeout_s", "generation_timeout_s", "ready_timeout_s"):
         if getattr(s, key) <= 0:
             problems.append(f"serve.{key}={getattr(s, key)} must be positive")
+    if s.max_adapters < 0:
+        problems.append(f"serve.max_adapters={s.max_adapters} must be at least 0 (0: no adapters loaded at runtime)")
     for key in ("max_n", "max_prompts", "max_sequences", "max_body_bytes", "max_prompt_chars"):
         if getattr(s, key) < 1:
             problems.append(f"serve.{key}={getattr(s, key)} must be at least 1")

@@ -94,6 +94,43 @@ class EngineHost:
     def score(self, model: str, input_ids, labels):
         return self.engine.score(model, input_ids, labels)
 
+    def run_with_load(self, running: list[GenerationRequest], steps: int, change, joining: list[GenerationRequest]):
+        """Step `running` `steps` times, apply `change` ("load", name, path) or ("unload", name), add `joining`,
+        run all to the end: (results of running + joining, seconds the change took, errors adding joining)."""
+        batch = self.engine.open_batch()
+        for i, request in enumerate(running):
+            batch.add(i, request)
+        results = [Result() for _ in running + joining]
+        for _ in range(steps):
+            self._collect(batch.step(), results)
+        started = time.perf_counter()
+        getattr(self.engine, change[0] + "_adapter")(*change[1:])
+        seconds = time.perf_counter() - started
+        errors = {}
+        for i, request in enumerate(joining, len(running)):
+            try:
+                batch.add(i, request)
+            except ValueError as err:
+                errors[i] = f"{type(err).__name__}: {err}"
+                results[i].finish_reason = "refused"
+        while batch.busy:
+            self._collect(batch.step(), results)
+        return results, seconds, errors
+
+    @staticmethod
+    def _collect(out: dict, results: list[Result]) -> None:
+        for i, delta in out.items():
+            results[i].text += delta.text
+            results[i].token_ids += delta.token_ids
+            results[i].tokens, results[i].finish_reason = delta.completion_tokens, delta.finish_reason
+
+    def adapters(self) -> dict:
+        return {"runtime": self.engine.runtime_adapters, "models": self.engine.models,
+                "vllm_loras": sorted(self.engine._llm.list_loras())}
+
+    def load(self, name: str, path: str) -> list[str]:
+        return self.engine.load_adapter(name, path)
+
     def token_logprobs(self, model: str, token_ids, start: int, top_k: int):
         return self.engine.token_logprobs(model, token_ids, start, top_k)
 
@@ -287,6 +324,42 @@ def test_scores_and_logprobs_with_adapters_are_refused_clearly(tiny_lora):
         ray.get(host.score.remote("alpha", ids, ids))
     with pytest.raises(NotImplementedError, match="LoRA"):
         ray.get(host.token_logprobs.remote("base", ids[0], 1, 0))
+
+
+def test_adapters_load_and_unload_at_runtime_between_steps(tiny_lora, serve_models):
+    """A vLLM engine with room for 2 runtime adapters: one loaded while base and alpha rows decode serves as the
+    transformers engine's beta does, the running rows are undisturbed; unloaded mid-request, the request
+    finishes on it, new ones are refused and vLLM drops it; a third load evicts the least recently used."""
+    _, ref = tiny_lora
+    host = start_host(serve_models.base, adapters={"alpha": str(serve_models.alpha)}, max_adapters=2, **ENGINE)
+    try:
+        prompts = [tuple(ref.tokenizer(p)["input_ids"]) for p in TINY_PROMPTS]
+        running = [GenerationRequest("r-base", "base", prompts[0], greedy(12)),
+                   GenerationRequest("r-alpha", "alpha", prompts[1], greedy(12))]
+        joining = [GenerationRequest("j-late", "late", prompts[2], greedy(12))]
+        got, load_s, errors = ray.get(host.run_with_load.remote(running, 3, ("load", "late", str(serve_models.beta)),
+                                                                joining))
+        want = reference(ref, running + [GenerationRequest("j-late", "beta.v2", prompts[2], greedy(12))])
+        assert not errors and [(g.text, g.token_ids) for g in got] == [(w.text, w.token_ids) for w in want]
+        print(f"vLLM engine: adapter loaded in {load_s * 1000:.0f} ms", flush=True)
+        loaded = ray.get(host.adapters.remote())
+        assert loaded["runtime"] == {"late": str(serve_models.beta)} and len(loaded["vllm_loras"]) == 2
+
+        running = [GenerationRequest("r-late", "late", prompts[2], greedy(12))]
+        joining = [GenerationRequest("j-late", "late", prompts[2], greedy(4))]
+        got, _, errors = ray.get(host.run_with_load.remote(running, 2, ("unload", "late"), joining))
+        assert (got[0].text, got[0].token_ids) == (want[2].text, want[2].token_ids)  # finished on the adapter
+        assert "unknown model 'late'" in errors[1]
+        loaded = ray.get(host.adapters.remote())
+        assert loaded["runtime"] == {} and "late" not in loaded["models"] and len(loaded["vllm_loras"]) == 1
+
+        for name in ("x", "y"):
+            assert ray.get(host.load.remote(name, str(serve_models.beta))) == []
+        ray.get(host.run.remote([GenerationRequest("use-x", "x", prompts[0], greedy(2))]))
+        assert ray.get(host.load.remote("z", str(serve_models.beta))) == ["y"]
+        assert set(ray.get(host.adapters.remote())["runtime"]) == {"x", "z"}
+    finally:
+        ray.kill(host)
 
 
 def test_full_fine_tune_next_to_the_base_is_refused_before_loading(serve_models):

@@ -246,6 +246,81 @@ def test_update_while_requests_are_in_flight_drops_none(server):
     assert all(r.choices[0].finish_reason in ("stop", "length") and r.citations for r in results)
 
 
+def test_adapter_loads_and_unloads_while_16_streams_run(server, serve_models, tmp_path):
+    """POST /v1/adapters while 16 streams decode: they all finish with 200, the new name answers (as the adapter
+    it was copied from does) and is listed; after DELETE it is gone (404); only the admin key loads."""
+    gamma = tmp_path / "gamma"
+    shutil.copytree(serve_models.beta, gamma)  # its manifest's sha256 sums still hold
+    load = {"name": "gamma", "checkpoint": str(gamma)}
+    assert server.http("POST", "/v1/adapters", USER_KEY, json=load).status_code == 403
+    assert server.http("POST", "/v1/adapters", None, json=load).status_code == 401
+    assert server.http("POST", "/v1/adapters", ADMIN_KEY, json={**load, "lora_rank": 8}).json()["error"]["code"] \
+        == "unsupported_parameter"
+    times = {}
+
+    async def stream(client: openai.AsyncOpenAI, i: int) -> str:
+        chunks = await client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": QA[i]["question"]}], max_tokens=48, stream=True,
+            temperature=0.8, seed=i, extra_body={"rag": {"enabled": False}})
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        times[i] = time.perf_counter()
+        return text
+
+    async def streams_and_a_load():
+        client = openai.AsyncOpenAI(base_url=server.url, api_key=USER_KEY, max_retries=0, timeout=120)
+        streams = [asyncio.create_task(stream(client, i)) for i in range(16)]
+        await asyncio.sleep(0.5)
+        sent = time.perf_counter()
+        loaded = await asyncio.to_thread(server.http, "POST", "/v1/adapters", ADMIN_KEY, json=load)
+        return sent, loaded, await asyncio.gather(*streams)
+
+    sent, loaded, texts = asyncio.run(streams_and_a_load())
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["replicas"] == 1 and loaded.json()["run_id"] == "run-beta"
+    assert len(texts) == 16 and all(isinstance(t, str) for t in texts)  # every stream ended with [DONE]
+    assert any(t > sent for t in times.values()), "no stream was still running when the load was sent"
+    client = server.client()
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["gamma"].runtime and listed["gamma"].parent == "base" and "runtime" not in listed["beta"].model_extra
+    question = QA[1]["question"]
+    assert ask(client, question, model="gamma").choices[0].message.content \
+        == ask(client, question, model="beta").choices[0].message.content
+    assert server.http("DELETE", "/v1/adapters/gamma", USER_KEY).status_code == 403
+    assert server.http("DELETE", "/v1/adapters/beta", ADMIN_KEY).status_code == 409  # served since start-up
+    assert server.http("DELETE", "/v1/adapters/gamma", ADMIN_KEY).json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError):
+        ask(client, question, model="gamma")
+    assert "gamma" not in {m.id for m in client.models.list().data}
+    assert server.http("DELETE", "/v1/adapters/gamma", ADMIN_KEY).status_code == 404
+
+
+@pytest.mark.parametrize("checkpoint, status, code", [
+    ("/no/such/folder", 404, "checkpoint_not_found"),
+    ("base", 422, "checkpoint_unverified"),  # a model folder without a manifest
+    ("damaged", 422, "checkpoint_invalid"),
+    ("other-base", 422, "base_model_mismatch"),
+])
+def test_adapter_load_refuses_what_it_cannot_serve(server, serve_models, tmp_path, checkpoint, status, code):
+    if checkpoint == "base":
+        checkpoint = str(serve_models.base)
+    elif checkpoint == "damaged":
+        shutil.copytree(serve_models.beta, tmp_path / "damaged")
+        (tmp_path / "damaged" / "adapter_config.json").write_text("{}")
+        checkpoint = str(tmp_path / "damaged")
+    elif checkpoint == "other-base":
+        other = tmp_path / "other"
+        shutil.copytree(serve_models.beta, other / "adapter")
+        config = json.loads((serve_models.base / "config.json").read_text())
+        (other / "base").mkdir()
+        (other / "base" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+        manifest = json.loads((other / "adapter" / "manifest.json").read_text())
+        manifest["model"] = {**manifest.get("model", {}), "source": str(other / "base")}
+        (other / "adapter" / "manifest.json").write_text(json.dumps(manifest))
+        checkpoint = str(other / "adapter")
+    response = server.http("POST", "/v1/adapters", ADMIN_KEY, json={"name": "refused", "checkpoint": checkpoint})
+    assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+
+
 def test_missing_or_wrong_key_is_401(server):
     with pytest.raises(openai.AuthenticationError) as err:
         ask(server.client("wrong-key-0123456789abcdef"), "hello")
@@ -546,3 +621,55 @@ def test_fuzzed_requests_get_no_5xx_and_errors_in_openai_shape(server, method, p
     check()
     assert seen
     print(f"\nschemathesis {method} {path} {mode}: {len(seen)} requests, status codes {sorted(Counter(seen).items())}")
+
+
+def test_promotion_is_gated_by_eval_reports_and_recorded(server, serve_models, tmp_path, capsys, monkeypatch):
+    """`ragft serve promote` against the running server: accepted when nothing serves under the name, refused
+    (exit 2, nothing loaded) when the candidate's eval report does not beat the serving one by min_delta,
+    accepted when it does, and --force skips the gate; the registry records what serves as the name."""
+    from ragft import registry
+    from ragft.cli import promote_command
+
+    reg = tmp_path / "registry.jsonl"
+
+    def candidate(name: str, f1: float) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(serve_models.beta, folder)
+        report = tmp_path / f"{name}.report.json"  # what ragft eval writes, cut to the metrics
+        report.write_text(json.dumps({"metrics": {"all": {"ft_rag": {"token_f1": f1, "exact_match": 0.0}}},
+                                      "split_sizes": {"all": 12}}))
+        registry.record(reg, folder, metrics={"ft_rag.token_f1": f1}, links={"report_json": str(report)})
+        return folder
+
+    good, worse, better = candidate("good", 0.40), candidate("worse", 0.38), candidate("better", 0.50)
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
+    url = server.url.removesuffix("/v1")
+
+    def promote(folder: Path, *extra: str, name: str = "promoted") -> tuple[int, str]:
+        code = promote_command([f"checkpoint={folder}", f"serve.url={url}", f"as={name}", f"registry.path={reg}",
+                                "promote.min_delta=0.05", *extra])
+        out = capsys.readouterr()
+        with capsys.disabled():  # the transcript, for whoever runs it with -s
+            print(f"$ ragft serve promote checkpoint={folder.name} as={name} {' '.join(extra)}\n{out.out}{out.err}"
+                  f"exit {code}")
+        return code, out.out + out.err
+
+    def serving() -> str:
+        return next(m.checkpoint for m in server.client().models.list().data if m.id == "promoted")
+
+    try:
+        code, said = promote(good)
+        assert code == 0 and "nothing serves as promoted yet" in said and serving() == str(good)
+        code, said = promote(worse)
+        assert code == 2 and "refused" in said and "does not beat" in said and serving() == str(good)
+        code, said = promote(better)
+        assert code == 0 and "beats" in said and serving() == str(better)
+        code, said = promote(worse, "--force")
+        assert code == 0 and "--force: the gate on ft_rag.token_f1 was skipped" in said and serving() == str(worse)
+        now = registry.serving(reg, url)["promoted"]
+        assert now["checkpoint"] == str(worse) and now["forced"] and now["replaced"] == str(better)
+        assert now["since"] <= time.time()
+        code, said = promote(better, name="base")
+        assert code == 2 and "served since the server started" in said
+    finally:
+        server.http("DELETE", "/v1/adapters/promoted", ADMIN_KEY)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ragft.config.schema.choices import Device, Dtype, Engine, RetrievalMode
+from ragft.config.schema.choices import Device, Direction, Dtype, Engine, RetrievalMode
 from ragft.config.schema.common import ClusterConfig, RegistryConfig
 from ragft.config.schema.index import IndexConfig, RetrievalConfig
 
@@ -86,6 +86,10 @@ class ServeConfig:
     # more LoRA adapters on the same base, {id: folder}: +serve.adapters.<id>=<folder>
     adapters: dict[str, str] = field(default_factory=dict)
     adapters_dir: Optional[str] = None  # every LoRA adapter folder directly in it, served under its folder name
+    # LoRA adapters POST /v1/adapters may load into each generator replica beyond those served from start-up;
+    # one more evicts the least recently used of them (0: no runtime loading)
+    max_adapters: int = 8
+    url: Optional[str] = None  # a running server's address, for `ragft serve promote` (http://host:port)
     api_keys_file: Optional[str] = None  # JSON {"api_keys": [...], "admin_keys": [...]}, besides the env vars
     log_prompts: bool = False  # access-log lines carry prompt text (user data) only when true
     access_log: Optional[str] = None  # file the ingress appends access lines to (also logged to the replica log)
@@ -122,6 +126,19 @@ class ServeConfig:
 
 
 @dataclass
+class PromoteConfig:
+    """`ragft serve promote`: load a checkpoint into a running server under a name only if its `ragft eval`
+    report beats the one serving under that name now."""
+
+    name: Optional[str] = None  # the served name to promote into (as=<name> on the command line)
+    metric: str = "ft_rag.token_f1"  # a registry metric name, <system>.<metric>[@<split>], as ragft eval records
+    mode: Direction = Direction.max  # which way the metric is better (min for perplexity or latency)
+    min_delta: float = 0.0  # how much better (in the metric's direction) the candidate must score
+    force: bool = False  # skip the gate (--force)
+    timeout_s: float = 600.0  # how long the load may take (every replica loads the adapter)
+
+
+@dataclass
 class ServeJobConfig:
     """The primary config of `ragft serve` (conf/serve.yaml)."""
 
@@ -131,6 +148,7 @@ class ServeJobConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # checkpoint=best|latest resolve here
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
     runs_dir: str = "runs/serve"
     train_runs_dir: str = "runs/train"  # where checkpoint=latest looks when the registry has none
     out_dir: str = MISSING
