@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ragft.checkpoints import MANIFEST, describe, resolve_checkpoint
 from ragft.config.schema import ExportConfig, ExportJobConfig
@@ -33,7 +33,6 @@ class ExportSpec:
     method: Optional[str]
     export: ExportConfig
     out_dir: str
-    resolved_config: dict
 
 
 def validate_export(cfg: DictConfig) -> ExportSpec:
@@ -66,13 +65,11 @@ def validate_export(cfg: DictConfig) -> ExportSpec:
                                        [Path(resolved)])
         if job.export.format == "gguf":
             own_tokenizer = (Path(resolved) / "tokenizer.json").is_file()
-            problems += check_gguf(Path(resolved) if served.kind == "full" else Path(base),
-                                   Path(resolved) if own_tokenizer else Path(base))
+            problems += check_gguf(resolved if served.kind == "full" else base, resolved if own_tokenizer else base)
     if problems:
         raise ConfigError(problems)
     return ExportSpec(checkpoint=resolved, kind=served.kind, base=base, run_id=served.run_id, step=served.step,
-                      method=served.method, export=job.export, out_dir=str(out_dir),
-                      resolved_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+                      method=served.method, export=job.export, out_dir=str(out_dir))
 
 
 def reads_from_out_dir(out_dir: Path, sources: list[Path]) -> list[str]:
@@ -84,27 +81,37 @@ def reads_from_out_dir(out_dir: Path, sources: list[Path]) -> list[str]:
     return problems
 
 
-def check_gguf(model_folder: Path, tokenizer_folder: Path) -> list[str]:
+def check_gguf(model_source: str, tokenizer_source: str) -> list[str]:
     """What export.format=gguf cannot write (ragft.export.gguf): another architecture than llama, RoPE scaling,
-    a tokenizer that is not byte-level BPE (sentencepiece vocabularies need scores this writer does not take)."""
+    a tokenizer that is not byte-level BPE (sentencepiece vocabularies need scores this writer does not take).
+    Each source is a folder or a hub id (read from the local HF cache)."""
     try:
-        config = json.loads((model_folder / "config.json").read_text())
+        config = json.loads(model_file(model_source, "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        return [f"export.format=gguf: cannot read the model's config.json in {model_folder}: {err}"]
+        return [f"export.format=gguf: cannot read the model's config.json in {model_source}: {err}"]
     problems = []
     model_type = config.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
-        problems.append(f"export.format=gguf writes {', '.join(GGUF_ARCHITECTURES)} models; {model_folder} is "
+        problems.append(f"export.format=gguf writes {', '.join(GGUF_ARCHITECTURES)} models; {model_source} is "
                         f"{model_type} (export.format=safetensors works for every model)")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"export.format=gguf: RoPE scaling ({rope.get('rope_type', rope.get('type'))}) is not "
                         f"written; use export.format=safetensors")
     try:
-        state = json.loads((tokenizer_folder / "tokenizer.json").read_text())
+        state = json.loads(model_file(tokenizer_source, "tokenizer.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return problems + [f"export.format=gguf needs a fast tokenizer (tokenizer.json) in {tokenizer_folder}"]
+        return problems + [f"export.format=gguf needs a fast tokenizer (tokenizer.json) in {tokenizer_source}"]
     if state.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(state.get("pre_tokenizer")):
         problems.append(f"export.format=gguf writes byte-level BPE tokenizers (GPT-2 style); the one in "
-                        f"{tokenizer_folder} is not: use export.format=safetensors")
+                        f"{tokenizer_source} is not: use export.format=safetensors")
     return problems
+
+
+def model_file(source: str, name: str) -> Path:
+    """The file `name` of a model folder, or of a hub id's snapshot in the local HF cache (OSError if absent)."""
+    if Path(source).is_dir():
+        return Path(source) / name
+    from transformers.utils import cached_file
+
+    return Path(cached_file(source, name))  # an OSError when the cache has no such file

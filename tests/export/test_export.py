@@ -186,5 +186,5 @@ def test_gguf_refuses_what_its_writer_does_not_map(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2",
                                                       "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}, "pre_tokenizer": None}))
-    problems = check_gguf(tmp_path, tmp_path)
+    problems = check_gguf(str(tmp_path), str(tmp_path))
     assert len(problems) == 3 and "qwen2" in problems[0] and "yarn" in problems[1] and "byte-level" in problems[2]
