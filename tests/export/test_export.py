@@ -28,7 +28,7 @@ LOGIT_TOL = 1e-4  # max |exported − base+adapter| in float32, on logits up to 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 31, 12, 88, 140]])
 
 
-def export(checkpoint: Path, out_dir: Path, *overrides: str):
+def export(checkpoint: Path | str, out_dir: Path, *overrides: str):
     cfg = compose_config("export", [f"checkpoint={checkpoint}", f"out_dir={out_dir}", *overrides])
     return run_export(validate_export(cfg))
 
@@ -124,6 +124,16 @@ def test_overwrite_replaces_a_non_empty_out_dir_whole(full_checkpoint, tmp_path)
     export(full_checkpoint, out, "export.overwrite=true")
     assert not (out / "old.txt").exists() and verify(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # neither the temporary nor the old folder stays
+
+
+def test_checkpoint_latest_names_the_newest_checkpoint_of_the_runs(serve_models, tmp_path):
+    import shutil
+
+    newest = tmp_path / "train" / "run-alpha" / "checkpoints" / "10"
+    shutil.copytree(serve_models.alpha, newest)
+    export("latest", tmp_path / "out", f"train_runs_dir={tmp_path / 'train'}",
+           f"registry.path={tmp_path / 'registry.jsonl'}")
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["source"]["checkpoint"] == str(newest)
 
 
 def test_bad_input_exits_2_with_every_problem_listed(serve_models, tmp_path):
