@@ -1,6 +1,6 @@
 """`ragft <command> [hydra overrides]`: one Hydra app per command, each a few lines into the package.
 
-  ragft train  → ragft.train.spec.validate_train → ragft.train.run.run
+  ragft train  → ragft.train.spec.validate_train → ragft.train.run.run (--plan: the memory plan per GPU, then exit)
   ragft index  → ragft.index.build.validate_index → ragft.index.build.run_index
   ragft search → ragft.index.build.validate_index(command="search") → run_search → JSON lines on stdout
   ragft serve  → ragft.serve.spec.validate_serve → ragft.serve.run.run_serve (foreground until Ctrl-C)
@@ -29,6 +29,7 @@ from ragft.exit_codes import run_command
 COMMANDS = ("train", "index", "search", "serve", "eval", "data", "demo", "export", "registry")
 
 _exit_code = None  # set by the command body; None means Hydra failed before the body ran
+_plan_only = False  # `ragft train --plan`: print the memory plan of the validated job, start nothing
 
 
 def _run(command: str, body: Callable[[], None], logs: str, bad_input_hint: str = "") -> None:
@@ -47,6 +48,11 @@ def train(cfg: DictConfig) -> None:
         from ragft.train.spec import validate_train
 
         spec = validate_train(trial_of_hydra_job(cfg))  # in a sweep: the trial's own folder and W&B group
+        if _plan_only:
+            from ragft.train.spec import plan_table
+
+            print(plan_table(spec), flush=True)
+            return
         if spec.cluster.name == "slurm" and not slurm.in_allocation():
             slurm.submit(spec, list(HydraConfig.get().overrides.task))  # the allocation runs this job again
         else:
@@ -66,6 +72,7 @@ def index(cfg: DictConfig) -> None:
 
 
 # search only reads: no run folder, no log file, and nothing but hits on stdout (JSON lines).
+PLAN_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 SEARCH_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
@@ -201,6 +208,10 @@ def main() -> None:
         from ragft.train.resume import expand_resume
 
         sys.argv[1:] = expand_resume(sys.argv[1:])
+    if command == "train" and "--plan" in sys.argv[1:]:  # no run folder, no log file: the table on stdout only
+        global _plan_only
+        _plan_only = True
+        sys.argv[1:] = PLAN_QUIET + [a for a in sys.argv[1:] if a != "--plan"]
     if command == "search":
         sys.argv[1:] = SEARCH_QUIET + sys.argv[1:]
     if command == "train" and "hydra/launcher=submitit_slurm" in sys.argv[1:]:

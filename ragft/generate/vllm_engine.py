@@ -76,7 +76,8 @@ class VLLMEngine(Engine):
                  full_models: Optional[dict[str, str]] = None, device: str = "auto",
                  dtype: torch.dtype | str = "auto", kv_cache_gb: Optional[float] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 max_num_seqs: Optional[int] = None, seed: int = 0, max_adapters: int = 0):
+                 max_num_seqs: Optional[int] = None, seed: int = 0, max_adapters: int = 0,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1):
         adapters, full_models = dict(adapters or {}), dict(full_models or {})
         self.models = model_names(base_name, adapters, full_models)
         if full_models and (base_name is not None or adapters or len(full_models) > 1):
@@ -119,6 +120,10 @@ class VLLMEngine(Engine):
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_num_seqs is not None:
             args["max_num_seqs"] = max_num_seqs
+        if tensor_parallel_size * pipeline_parallel_size > 1:
+            # vLLM's Ray workers, one per GPU, in the placement group the Serve replica runs in (ragft.serve.app)
+            args.update(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                        distributed_executor_backend="ray")
         if adapters or self._runtime.cap:
             rank = max([lora_rank(p) for p in adapters.values()] + [RUNTIME_LORA_RANK] * bool(self._runtime.cap))
             ranks = sorted(r for r in typing.get_args(MaxLoRARanks) if r >= rank)

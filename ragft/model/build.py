@@ -132,8 +132,12 @@ def load_model(
 
 
 def module_names(source: str, model: ModelConfig) -> set[str]:
-    """Leaf-module short names of a model (`q_proj`, ...), built on the meta device: no weights load."""
-    config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    """Leaf-module short names of a model (`q_proj`, ...), built on the meta device: no weights load. A hub id's
+    config.json comes from the cache or ragft's shipped copy when one has it (ragft.model.memory.config_source)."""
+    from ragft.model.memory import config_source
+
+    config = AutoConfig.from_pretrained(config_source(source, model.revision), revision=model.revision,
+                                        trust_remote_code=model.trust_remote_code)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     return {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules() if name}
@@ -144,7 +148,9 @@ def model_architecture(model: ModelConfig) -> tuple[str, str]:
     if model.source == "tiny":
         config = LlamaConfig()
     else:
-        config = AutoConfig.from_pretrained(model.source, revision=model.revision,
+        from ragft.model.memory import config_source
+
+        config = AutoConfig.from_pretrained(config_source(model.source, model.revision), revision=model.revision,
                                             trust_remote_code=model.trust_remote_code).get_text_config(decoder=True)
     return config.model_type, getattr(config, "hidden_act", "?")
 

@@ -74,6 +74,7 @@ def validate_serve(cfg: DictConfig) -> ServeSpec:
     problems += found
     keys, found = load_keys(keys_file=s.api_keys_file)
     problems += found + _network_problems(s, keys) + _limit_problems(s, models) + _cluster_problems(job)
+    problems += check_parallel(s, job.cluster, base_path)
     if problems:
         raise ConfigError(problems)
     main_id = next(m.id for m in models if m.kind != "base") if any(m.kind != "base" for m in models) else models[0].id
@@ -191,6 +192,67 @@ def _limit_problems(s: ServeConfig, models: list[ServedModel]) -> list[str]:
     if s.device == "cuda" and s.generator.num_gpus <= 0:
         problems.append("serve.device=cuda needs serve.generator.num_gpus > 0 (Ray hides GPUs from actors without)")
     return problems
+
+
+def check_parallel(s: ServeConfig, cluster: ClusterConfig, base_path: Optional[str]) -> list[str]:
+    """Tensor and pipeline parallelism against the GPUs a generator replica gets and the model's heads and layers;
+    then the replica's memory plan (ragft.model.memory.serve_plan) against cluster.gpu_memory_gb."""
+    from ragft.model.memory import shape_from_source
+
+    tp, pp = s.tensor_parallel_size, s.pipeline_parallel_size
+    if tp < 1 or pp < 1:
+        return [f"serve.tensor_parallel_size={tp} and serve.pipeline_parallel_size={pp} must be at least 1"]
+    gpus, problems = tp * pp, []
+    if gpus > 1 and s.engine != "vllm":
+        problems.append(f"serve.tensor_parallel_size={tp}, serve.pipeline_parallel_size={pp}: splitting a model over "
+                        f"GPUs needs serve.engine=vllm")
+    if gpus > 1 and s.generator.num_gpus != gpus:
+        problems.append(f"serve.tensor_parallel_size × serve.pipeline_parallel_size = {tp} × {pp} = {gpus} GPUs per "
+                        f"generator replica, but serve.generator.num_gpus={s.generator.num_gpus:g}: set "
+                        f"serve.generator.num_gpus={gpus} (each replica is a placement group of {gpus} GPU bundles)")
+    if cluster.gpus_per_node and tp > cluster.gpus_per_node:
+        problems.append(f"serve.tensor_parallel_size={tp} exceeds cluster.gpus_per_node={cluster.gpus_per_node}: "
+                        f"tensor parallelism stays within a node; split across nodes with serve.pipeline_parallel_size")
+    shape = shape_from_source(base_path) if base_path else None
+    if shape is None:
+        return problems
+    if shape.num_heads % tp or (shape.num_kv_heads % tp and tp % shape.num_kv_heads):
+        problems.append(f"serve.tensor_parallel_size={tp} must divide the model's {shape.num_heads} attention heads "
+                        f"and divide or be a multiple of its {shape.num_kv_heads} key/value heads")
+    if pp > shape.num_layers:
+        problems.append(f"serve.pipeline_parallel_size={pp} exceeds the model's {shape.num_layers} layers")
+    if s.engine == "vllm" and s.generator.num_gpus > 0 and not problems:
+        problems += _memory_problems(s, cluster, shape, base_path)
+    return problems
+
+
+def serve_setup(s: ServeConfig):
+    """The ragft.model.memory.ServeSetup of a vLLM generator replica: bf16 unless serve.dtype=float32, as many
+    sequences at once as the decode batch admits (serve.batch.max_batch_size, capped by serve.vllm.max_num_seqs)."""
+    from ragft.model.memory import ServeSetup
+
+    sequences = s.batch.max_batch_size if s.batch.enabled else 1
+    if s.vllm.max_num_seqs is not None:
+        sequences = min(sequences, s.vllm.max_num_seqs)
+    return ServeSetup(tensor_parallel=s.tensor_parallel_size, pipeline_parallel=s.pipeline_parallel_size,
+                      value_bytes=4 if str(s.dtype) == "float32" else 2, sequences=sequences,
+                      utilization=s.vllm.gpu_memory_utilization,
+                      kv_cache_bytes=None if s.vllm.kv_cache_gb is None else s.vllm.kv_cache_gb * 2**30)  # GiB
+
+
+def _memory_problems(s: ServeConfig, cluster: ClusterConfig, shape, base_path: str) -> list[str]:
+    from ragft.model.memory import sequences_that_fit, serve_plan
+
+    setup = serve_setup(s)
+    plan = serve_plan(shape, setup, cluster.gpu_memory_gb, name=base_path)
+    if plan.fits:
+        return []
+    fit = sequences_that_fit(shape, setup, cluster.gpu_memory_gb)
+    advice = (f"serve.batch.max_batch_size={fit} (sequences at once), or " if fit else "") + \
+        "more GPUs per replica (serve.tensor_parallel_size / pipeline_parallel_size and serve.generator.num_gpus)"
+    return [f"memory: a generator replica needs {plan.summary()}, above {plan.budget / 1e9:.1f} GB "
+            f"({plan.budget_source}); it would fit with {advice}\n"
+            + "\n".join("      " + line for line in plan.table().splitlines())]
 
 
 def _cluster_problems(job: ServeJobConfig) -> list[str]:

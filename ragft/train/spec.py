@@ -116,6 +116,7 @@ def validate_train(cfg: DictConfig) -> TrainSpec:
     problems += check_objective(job.objective, job.data, job.model)
     model, model_problems = check_model_and_kernels(job, hardware)
     problems += model_problems
+    problems += check_memory(job, model, hardware)
     problems += check_cluster(job.cluster)
     problems += check_resume(job)
     if problems:
@@ -247,6 +248,50 @@ def check_cluster(cluster: ClusterConfig) -> list[str]:
 
         problems += check(cluster)
     return problems
+
+
+def check_memory(job: TrainJobConfig, model: ModelConfig, hardware: Hardware) -> list[str]:
+    """A GPU job must fit its GPUs (cluster.gpu_memory_gb) by the memory plan of ragft.model.memory, computed from
+    the model's config.json; the refusal names the estimate and the changes that would fit."""
+    from ragft.model.memory import knobs_that_fit
+
+    if not job.cluster.use_gpu:
+        return []
+    planned = memory_plan(job, model, hardware)
+    if planned is None or planned[2].fits:
+        return []
+    shape, setup, plan = planned
+    fixes = knobs_that_fit(shape, setup, job.cluster.gpu_memory_gb)
+    advice = ("; it would fit with " + ", or ".join(f"{text} (≈{gb:.1f} GB)" for text, gb in fixes) if fixes
+              else "; no single change fits it: use more GPUs (cluster.num_workers) or a smaller model")
+    states = plan.gb("weights", "gradients", "optimizer states")
+    return [f"memory: {plan.summary()} exceeds cluster.gpu_memory_gb={job.cluster.gpu_memory_gb:g}; weights + "
+            f"gradients + optimizer states alone are {states:.1f} GB{advice}\n"
+            + "\n".join("      " + line for line in plan.table().splitlines())]
+
+
+def memory_plan(job, model: ModelConfig, hardware: Hardware):
+    """(shape, setup, plan) of a train job's per-GPU memory (`job`: a TrainJobConfig or TrainSpec), or None when
+    the model's config.json is not on this machine."""
+    from ragft.model.memory import shape_of, train_plan, train_setup
+
+    shape = shape_of(model)
+    if shape is None:
+        return None
+    precision = _resolve_precision(str(job.strategy.precision), on_gpu=True,
+                                   assume_gpu_bf16=hardware.remote_gpus or not hardware.cuda)
+    setup = train_setup(model, job.method, job.strategy, job.train, job.data, job.cluster, precision)
+    return shape, setup, train_plan(shape, setup, job.cluster.gpu_memory_gb, name=model.source or model.name)
+
+
+def plan_table(spec: TrainSpec) -> str:
+    """The memory plan of a validated job as a table (`ragft train --plan`)."""
+    hardware = Hardware(cuda=cuda_available(), remote_gpus=spec.cluster.name in ("ray", "slurm"))
+    planned = memory_plan(spec, spec.model, hardware)
+    if planned is None:
+        return f"no memory plan: the config.json of model.source={spec.model.source} is not on this machine"
+    note = "" if spec.cluster.use_gpu else "\n  (cluster.use_gpu=false: a CPU job, not checked against it)"
+    return planned[2].table() + note
 
 
 def check_resume(job: TrainJobConfig) -> list[str]:

@@ -47,6 +47,9 @@ class ClusterConfig:
     address: Optional[str] = None  # Ray address for cluster=ray: host:6379, or auto on a cluster node
     num_workers: int = 2
     use_gpu: bool = False
+    # memory of one GPU in GB (1e9 bytes): a GPU job whose memory plan (ragft.model.memory) exceeds it is refused
+    # before anything starts; serve plans vLLM's share of it (serve.vllm.gpu_memory_utilization)
+    gpu_memory_gb: float = 80.0
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker restarts from the latest checkpoint before the job fails
     peak_tflops: Optional[float] = None  # per device, for MFU when the GPU is not in ragft's table

@@ -111,6 +111,11 @@ class ServeConfig:
     # transformers: ragft's own decode loop (ragft.generate.transformers_engine); vllm: vLLM's engine
     # (ragft.generate.vllm_engine), which serves the base and LoRA adapters, or one full fine-tune alone.
     engine: Engine = Engine.transformers
+    # vLLM only: one generator replica spans tensor_parallel_size × pipeline_parallel_size GPUs, one placement-group
+    # bundle each (serve.generator.num_gpus must say as many). Tensor parallel splits every layer (within a node);
+    # pipeline parallel splits the layers into stages (across nodes).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rag: RagConfig = field(default_factory=RagConfig)
