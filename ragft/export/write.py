@@ -56,7 +56,7 @@ def run_export(spec: ExportSpec) -> Exported:
             tokenizer.save_pretrained(tmp)
         del model
         write_manifest(tmp, spec, dtype_name)
-        replace(tmp, out_dir)
+        replace(tmp, out_dir, spec.export.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -97,11 +97,13 @@ def write_manifest(folder: Path, spec: ExportSpec, dtype: str) -> None:
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def replace(tmp: Path, out_dir: Path) -> None:
-    """Give `tmp` the name `out_dir`; what was there (validation allowed it: empty, or overwrite) goes after."""
+def replace(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Give `tmp` the name `out_dir`; what was there (an empty folder, or anything with `overwrite`) goes after."""
     old = None
     if out_dir.is_dir():
         if any(out_dir.iterdir()):
+            if not overwrite:  # filled since validation looked
+                raise FileExistsError(f"{out_dir} is not empty (export.overwrite=true replaces it)")
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".old-export-{out_dir.name}-"))
             os.rename(out_dir, old / out_dir.name)
         else:

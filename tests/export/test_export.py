@@ -126,6 +126,16 @@ def test_overwrite_replaces_a_non_empty_out_dir_whole(full_checkpoint, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # neither the temporary nor the old folder stays
 
 
+def test_an_out_dir_filled_after_validation_is_left_alone(full_checkpoint, tmp_path):
+    out = tmp_path / "raced"
+    spec = validate_export(compose_config("export", [f"checkpoint={full_checkpoint}", f"out_dir={out}"]))
+    out.mkdir()
+    (out / "theirs.txt").write_text("written meanwhile")
+    with pytest.raises(FileExistsError):
+        run_export(spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raced"] and (out / "theirs.txt").is_file()
+
+
 def test_checkpoint_latest_names_the_newest_checkpoint_of_the_runs(serve_models, tmp_path):
     import shutil
 
