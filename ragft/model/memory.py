@@ -14,13 +14,15 @@ Training (`train_plan`) counts, per GPU, in GB (1e9 bytes):
   is frozen: its weights only; the adapter matrices train as above.
 - Activations, after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
   (section 4.1, eq. 1: `sbh(34 + 5as/h)` bytes per layer for GPT without tensor parallelism), redone for the
-  Llama/Qwen block the same way: the 16-bit tensors autograd keeps per token and layer are the inputs of both
-  RMSNorms and of the QKV and MLP projections (4 × 2h), Q and the attention output (2 × 2·heads·head_dim), K and V
+  Llama/Qwen block the same way: per token and layer autograd keeps, for each RMSNorm, its input upcast to fp32
+  and its normalized output (4h + 2h bytes: transformers' RMSNorm computes in fp32), and in 16 bits the inputs of
+  the QKV and MLP projections (2 × 2h), Q and the attention output (2 × 2·heads·head_dim), K and V
   (2 × 2·kv_heads·head_dim) and the SwiGLU's gate, up, SiLU(gate) and product (4 × 2·intermediate): no dropout
   masks (Llama has none), and no attention-score term (`5as/h`): SDPA / flash attention never store the s × s
-  scores. With f = 4h, MHA, GELU and dropout masks the same count gives Korthikanti's 34h. With gradient
+  scores. With 16-bit LayerNorms, f = 4h, MHA, GELU and dropout masks the same count gives Korthikanti's 34h. With gradient
   checkpointing each layer keeps only its input (2h per token, Korthikanti's full recomputation) while one layer
-  at a time is recomputed with all of the above. fp32 doubles every figure.
+  at a time is recomputed with all of the above. fp32 doubles every figure. LoRA with dropout adds, per adapter,
+  its dropped-out input and the dropout mask (peft applies dropout to each adapter's input separately).
 - Logits: ragft projects only the labelled positions onto the vocabulary (ragft/train/loss.py); the plan assumes
   every position of every row is labelled (text rows, data.train_on_prompt=true: an upper bound for chat rows,
   whose prompts carry no label), and per labelled position and vocabulary entry 2 bytes of bf16 logits, 4 of their
@@ -116,7 +118,8 @@ class Shape:
     def activation_bytes_per_token(self, value_bytes: int) -> int:
         """Bytes one decoder layer keeps for backward per token (module docstring: Korthikanti et al., redone)."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return value_bytes * (4 * self.hidden_size + 2 * q + 2 * kv + 4 * self.intermediate_size)
+        norms = 2 * (4 + value_bytes) * self.hidden_size  # fp32 input and normalized output of both RMSNorms
+        return norms + value_bytes * (2 * self.hidden_size + 2 * q + 2 * kv + 4 * self.intermediate_size)
 
     def kv_bytes_per_token(self, value_bytes: int, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> float:
         """KV cache per token on one GPU: kv heads split over tensor-parallel ranks (replicated when fewer)."""
@@ -160,9 +163,15 @@ def shape_of(model) -> Optional[Shape]:
 
 
 def shape_from_source(source: str, revision: Optional[str] = None) -> Optional[Shape]:
-    """The Shape of a model folder or hub id from its config.json (find_config); None when it is not here."""
+    """The Shape of a model folder or hub id from its config.json (find_config); None when it is not here, or is
+    not a decoder-only transformer this module can count (no `intermediate_size`, say)."""
     folder = find_config(source, revision)
-    return Shape.from_config(json.loads((folder / "config.json").read_text())) if folder else None
+    if folder is None:
+        return None
+    try:
+        return Shape.from_config(json.loads((folder / "config.json").read_text()))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,7 @@ class TrainSetup:
     method: str = "full"  # full | lora | qlora
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_dropout: float = 0.0
     strategy: str = "zero2"  # the strategy group's name, for the table
     zero_stage: int = 2
     offload_optimizer: bool = False
@@ -308,13 +318,16 @@ def _activation_rows(shape: Shape, s: TrainSetup) -> list[Row]:
     value = 2 if s.precision == "bf16" else 4
     tokens = s.micro_batch_size * s.seq_len
     per_layer = shape.activation_bytes_per_token(value)
+    if s.method != "full" and s.lora_dropout > 0:
+        # each adapter keeps its own dropped-out input (value bytes) and dropout mask (1 byte) for lora_A's backward
+        per_layer += (value + 1) * sum(i for name, (i, _) in shape.projections.items() if name in s.lora_targets)
     if s.checkpointing:
         act = tokens * (shape.num_layers * value * shape.hidden_size + per_layer)
         basis = f"{tokens} tokens × ({shape.num_layers} layer inputs × {value}h + one layer recomputed)"
     else:
         act = tokens * shape.num_layers * per_layer
         basis = f"{tokens} tokens × {shape.num_layers} layers × {per_layer / shape.hidden_size:.0f}h B"
-    act += tokens * 2 * value * shape.hidden_size  # final norm's input and the LM head's
+    act += tokens * (4 + 2 * value) * shape.hidden_size  # the final norm's (as in a layer) and the LM head's input
     if s.fused_loss:
         logits, how = tokens * shape.hidden_size * 8, "fused loss: one chunk about the hidden states' size"
     else:
@@ -328,6 +341,7 @@ def train_setup(model, method, strategy, train, data, cluster, precision: str) -
     """The TrainSetup of a `ragft train` job's config sections (ragft.config.schema) and resolved precision."""
     fsdp2 = strategy.name == "fsdp2" or str(getattr(strategy, "backend", "deepspeed")) == "fsdp2"
     return TrainSetup(method=str(method.name), lora_r=method.r, lora_targets=tuple(method.target_modules),
+                      lora_dropout=method.dropout,
                       strategy=strategy.name, zero_stage=strategy.zero_stage,
                       offload_optimizer=strategy.offload_optimizer, offload_params=strategy.offload_params,
                       fsdp2=fsdp2, fsdp2_offload=bool(getattr(strategy, "cpu_offload", False)), precision=precision,

@@ -21,15 +21,14 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ragft.errors import ConfigError
-from dataclasses import replace
-
 from ragft.model.memory import (GB, SHIPPED_CONFIGS, ServeSetup, Shape, TrainSetup, find_config, serve_plan,
-                                train_plan)
+                                shape_from_source, train_plan)
 from ragft.train.spec import validate_train
 
 LLAMA3_8B, LLAMA3_70B = "meta-llama--Meta-Llama-3-8B", "meta-llama--Meta-Llama-3-70B"
@@ -114,11 +113,15 @@ def test_checkpointing_and_micro_batch_scale_activations_as_the_formula_says():
     base = TrainSetup(gpus=8, zero_stage=3, micro_batch_size=2, seq_len=4096)
     plain, half = train_plan(s, base, 80), train_plan(s, replace(base, micro_batch_size=1), 80)
     checkpointed = train_plan(s, replace(base, checkpointing=True), 80)
-    # per token and layer 8h + 4·q + 4·kv + 8f bytes (bf16): 41h for Llama-3-8B
-    assert s.activation_bytes_per_token(2) == 41 * s.hidden_size
-    assert plain.gb("activations") == pytest.approx(2 * 4096 * (32 * 41 + 4) * 4096 / GB)
+    # per token and layer 2 norms × (4 + 2)h + 2 × (2h + 2q + 2kv + 4f) bytes (bf16): 49h for Llama-3-8B
+    assert s.activation_bytes_per_token(2) == 49 * s.hidden_size
+    assert plain.gb("activations") == pytest.approx(2 * 4096 * (32 * 49 + 8) * 4096 / GB)
     assert half.gb("activations", "logits") == pytest.approx(plain.gb("activations", "logits") / 2)
     assert checkpointed.gb("activations") < plain.gb("activations") / 10
+    # peft drops out each adapter's input separately: its bf16 copy and a 1-byte mask per adapter input feature
+    lora = train_plan(s, replace(base, method="lora", lora_dropout=0.05), 80)
+    inputs = 3 * 4096 + 4096 + 2 * 4096 + 14336  # q, k, v, o, gate, up, down
+    assert lora.gb("activations") - plain.gb("activations") == pytest.approx(2 * 4096 * 32 * 3 * inputs / GB)
 
 
 def test_serving_70b_over_8_gpus_fits_and_on_one_does_not():
@@ -139,6 +142,9 @@ def test_config_json_is_found_locally_in_the_cache_or_shipped(tmp_path, monkeypa
     assert find_config("meta-llama/Meta-Llama-3-8B") == SHIPPED_CONFIGS / LLAMA3_8B
     assert find_config("meta-llama/Meta-Llama-3-8B", revision="abc123") is None  # another revision: not shipped
     assert find_config("someone/unknown-model") is None
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "mamba", "hidden_size": 768}')
+    assert shape_from_source(str(tmp_path / "other")) is None  # not a shape it can count: no plan, no crash
 
 
 def ragft_train(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
