@@ -19,10 +19,10 @@ Training (`train_plan`) counts, per GPU, in GB (1e9 bytes):
   the QKV and MLP projections (2 × 2h), Q and the attention output (2 × 2·heads·head_dim), K and V
   (2 × 2·kv_heads·head_dim) and the SwiGLU's gate, up, SiLU(gate) and product (4 × 2·intermediate): no dropout
   masks (Llama has none), and no attention-score term (`5as/h`): SDPA / flash attention never store the s × s
-  scores. With 16-bit LayerNorms, f = 4h, MHA, GELU and dropout masks the same count gives Korthikanti's 34h. With gradient
-  checkpointing each layer keeps only its input (2h per token, Korthikanti's full recomputation) while one layer
-  at a time is recomputed with all of the above. fp32 doubles every figure. LoRA with dropout adds, per adapter,
-  its dropped-out input and the dropout mask (peft applies dropout to each adapter's input separately).
+  scores. With 16-bit LayerNorms, f = 4h, MHA, GELU and dropout masks the same count gives Korthikanti's 34h.
+  With gradient checkpointing each layer keeps only its input (2h per token, Korthikanti's full recomputation)
+  while one layer at a time is recomputed with all of the above. In fp32 every 16-bit figure doubles. LoRA with
+  dropout adds, per adapter, its dropped-out input and the dropout mask (peft drops out each adapter's input).
 - Logits: ragft projects only the labelled positions onto the vocabulary (ragft/train/loss.py); the plan assumes
   every position of every row is labelled (text rows, data.train_on_prompt=true: an upper bound for chat rows,
   whose prompts carry no label), and per labelled position and vocabulary entry 2 bytes of bf16 logits, 4 of their
