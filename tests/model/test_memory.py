@@ -190,8 +190,6 @@ def test_plan_flag_prints_the_table_and_starts_nothing(tmp_path):
 def test_70b_recipes_fit_4_nodes_of_8_h100_with_lora(compose_train, model, strategy):
     from ragft.train.spec import Hardware, memory_plan
 
-    if strategy == "fsdp2" and not (SHIPPED_CONFIGS.parent.parent / "conf" / "strategy" / "fsdp2.yaml").is_file():
-        pytest.skip("strategy=fsdp2 is not in this tree")
     cfg = compose_train(f"model={model}", f"strategy={strategy}", "cluster=slurm", "cluster.nodes=4",
                         "cluster.dry_run=true", "data.max_seq_len=4096", "train.micro_batch_size=1")
     spec = validate_train(cfg)
