@@ -433,12 +433,16 @@ def bench_adapter_load(args) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    first = loads[0][0]
+    first = loads[0][0] if loads else float("inf")
     warm = [s for s in spans if s[0] > spans[0][1]]  # from the first request's end on
     before = [(e - s) * 1000 for s, e in warm if e < first]
     during = [(e - s) * 1000 for s, e in spans if any(s < le and e > ls for ls, le, _ in loads)]
     print(f"\n{base.name}, serve.engine={args.serve_engine}, LoRA rank {args.lora_rank} on every linear layer, "
           f"{args.concurrency[0]} closed-loop clients on A, max_tokens={args.max_tokens}, {args.loads} loads of B")
+    if not loads:
+        print(f"A's request latency, no load: p50 {_pct(before, 50):.0f} ms, p99 {_pct(before, 99):.0f} ms, max "
+              f"{max(before):.0f} ms ({len(before)} requests)")
+        return
     print(f"load (POST /v1/adapters, server-side load_s): p50 {_pct([l for _, _, l in loads], 50) * 1000:.0f} ms, "
           f"max {max(l for _, _, l in loads) * 1000:.0f} ms; client-side p50 "
           f"{_pct([(e - s) for s, e, _ in loads], 50) * 1000:.0f} ms")

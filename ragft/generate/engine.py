@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -139,6 +140,75 @@ class Engine(abc.ABC):
     def runtime_adapters(self) -> dict[str, str]:
         """The adapters loaded with `load_adapter` and not unloaded, {name: path}, least recently used first."""
         return {}
+
+
+class LoadsAdapters(Engine):
+    """`load_adapter` and `unload_adapter` as both engines do them: a name never served since start-up, at most
+    `_runtime.cap` of them (the least recently used evicted), the old weights of a replaced or unloaded name kept
+    until no request uses them. An engine sets `_runtime` (RuntimeAdapters) and `_lock` (held while it steps)
+    and implements the hooks below, each called with the lock held except `_check_adapter`."""
+
+    _runtime: RuntimeAdapters
+    _lock: threading.Lock
+
+    def load_adapter(self, name: str, path: str) -> list[str]:
+        if name in self.models and name not in self._runtime:
+            raise ValueError(f"{name!r} is served since start-up; an adapter loaded at runtime needs another name")
+        if self._runtime.cap < 1:
+            raise ValueError("this engine loads no adapters at runtime (serve.max_adapters=0)")
+        self._check_adapter(path)
+        with self._lock:  # between two decode steps
+            replaced = self._route(name, self._attach(name, path))
+            if replaced is not None:
+                self._detach(replaced)
+            elif name not in self.models:
+                self.models.append(name)
+            evicted = self._runtime.add(name, path)
+            for old in evicted:
+                self._retire(old)
+            self._drop_unused()
+        return evicted
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._runtime:
+                raise KeyError(name)
+            self._runtime.remove(name)
+            self._retire(name)
+            self._drop_unused()
+
+    @property
+    def runtime_adapters(self) -> dict[str, str]:
+        return dict(self._runtime.paths)
+
+    def _retire(self, name: str) -> None:
+        """Refuse new requests for `name` from now on; its weights go once no request uses them."""
+        if name in self.models:
+            self.models.remove(name)
+        self._detach(self._unroute(name))
+
+    def _check_adapter(self, path: str) -> None:
+        """Raise ValueError if this engine cannot hold the adapter at `path` (before anything loads)."""
+
+    @abc.abstractmethod
+    def _attach(self, name: str, path: str):
+        """Load the adapter's weights; the engine's handle on them."""
+
+    @abc.abstractmethod
+    def _route(self, name: str, handle):
+        """Send `name`'s new requests to `handle`; the handle they went to before (None: a new name)."""
+
+    @abc.abstractmethod
+    def _unroute(self, name: str):
+        """Forget `name`; the handle its requests went to."""
+
+    @abc.abstractmethod
+    def _detach(self, handle) -> None:
+        """Free `handle`'s weights once no request uses them (`_drop_unused`)."""
+
+    @abc.abstractmethod
+    def _drop_unused(self) -> None:
+        """Free the detached weights no waiting or running request uses."""
 
 
 def model_names(base_name: Optional[str], adapters: dict[str, str], full_models: dict[str, str]) -> list[str]:

@@ -52,7 +52,7 @@ from transformers.cache_utils import DynamicLayer
 from ragft.model.build import load_tokenizer
 from ragft.generate.decode_group import DecodeGroup, DecodingSequence, ModelWeights
 from ragft.generate.detokenize import IncrementalDetokenizer
-from ragft.generate.engine import (Batch, Delta, Engine, GenerationRequest, RuntimeAdapters, TokenLogprob,
+from ragft.generate.engine import (Batch, Delta, GenerationRequest, LoadsAdapters, RuntimeAdapters, TokenLogprob,
     UnknownModelError, check_logprobs_request, check_request, model_names, stop_token_ids)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -64,7 +64,7 @@ MAX_PREFILL_TOKENS = 2048  # about 7 RAG prompts of 300 tokens
 MAX_ADAPTERS = 8  # adapters loaded at runtime (serve.max_adapters): each costs only its low-rank matrices
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(LoadsAdapters):
     """The Engine on transformers + PEFT: the base, LoRA adapters on one shared copy of it, full fine-tunes."""
 
     def __init__(self, base_path: str, *, base_name: Optional[str] = "base", adapters: Optional[dict[str, str]] = None,
@@ -140,56 +140,37 @@ class TransformersEngine(Engine):
         sequences = [self._sequence(i, request) for i, request in enumerate(requests)]
         return self._run(sequences, len(requests))
 
-    def load_adapter(self, name: str, path: str) -> list[str]:
-        if name in self._routes and name not in self._runtime:
-            raise ValueError(f"{name!r} is served since start-up; an adapter loaded at runtime needs another name")
+    def _check_adapter(self, path: str) -> None:
         if self._shared is None:
             raise ValueError("this engine serves full fine-tunes only: no base model to load an adapter onto")
+
+    def _attach(self, name: str, path: str) -> str:
         from peft import PeftModel
 
-        with self._lock:  # between two decode steps
-            internal = f"adapter{next(self._adapter_ids)}"
-            weights = self._shared
-            if weights.mixed:
-                weights.module.load_adapter(path, adapter_name=internal)
-            else:
-                weights.module = PeftModel.from_pretrained(weights.module, path, adapter_name=internal).eval()
-                weights.mixed = True
-            replaced = self._routes.get(name)
-            self._routes[name] = (weights, internal)
-            if replaced is not None:
-                self._retiring.add(replaced[1])
-            elif name not in self.models:
-                self.models.append(name)
-            evicted = self._runtime.add(name, path)
-            for old in evicted:
-                self._retire(old)
-            self._drop_unused()
-        return evicted
+        internal = f"adapter{next(self._adapter_ids)}"
+        weights = self._shared
+        if weights.mixed:
+            weights.module.load_adapter(path, adapter_name=internal)
+        else:  # in place: the base's running requests go on as base rows of a mixed batch
+            weights.module = PeftModel.from_pretrained(weights.module, path, adapter_name=internal).eval()
+            weights.mixed = True
+        return internal
 
-    def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            if name not in self._runtime:
-                raise KeyError(name)
-            self._runtime.remove(name)
-            self._retire(name)
-            self._drop_unused()
+    def _route(self, name: str, internal: str) -> Optional[str]:
+        replaced = self._routes.get(name)
+        self._routes[name] = (self._shared, internal)
+        return None if replaced is None else replaced[1]
 
-    @property
-    def runtime_adapters(self) -> dict[str, str]:
-        return dict(self._runtime.paths)
+    def _unroute(self, name: str) -> str:
+        return self._routes.pop(name)[1]
+
+    def _detach(self, internal: str) -> None:
+        self._retiring.add(internal)
 
     @property
     def peft_adapters(self) -> list[str]:
         """PEFT's names of the adapters on the shared base: those served, and unloaded ones until freed."""
         return list(self._shared.module.peft_config) if self._shared is not None and self._shared.mixed else []
-
-    def _retire(self, name: str) -> None:
-        """Refuse new requests for `name` from now on; its weights go once no request uses them (lock held)."""
-        if name in self.models:
-            self.models.remove(name)
-        _, internal = self._routes.pop(name)
-        self._retiring.add(internal)
 
     def _drop_unused(self) -> None:
         """Delete the retired adapters no open batch uses any more (lock held). PEFT needs one adapter left on a

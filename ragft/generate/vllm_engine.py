@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ragft.model.build import context_length, load_tokenizer
-from ragft.generate.engine import (GREEDY_BELOW, Batch, Delta, Engine, GenerationRequest, RuntimeAdapters,
+from ragft.generate.engine import (GREEDY_BELOW, Batch, Delta, GenerationRequest, LoadsAdapters, RuntimeAdapters,
     TokenLogprob, check_logprobs_request, check_request, model_names, stop_token_ids)
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # vLLM reads it when the engine is created
@@ -69,7 +69,7 @@ class _Stream:
     unsent: tuple[int, ...] = ()  # tokens since the last Delta (their text held back: a possible stop string)
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LoadsAdapters):
     """The Engine on vLLM: the base and its LoRA adapters in one vLLM engine, or one full fine-tune alone."""
 
     def __init__(self, base_path: str, *, base_name: Optional[str] = "base", adapters: Optional[dict[str, str]] = None,
@@ -152,45 +152,27 @@ class VLLMEngine(Engine):
         self._batches.add(batch)
         return batch
 
-    def load_adapter(self, name: str, path: str) -> list[str]:
-        from vllm.lora.request import LoRARequest
-
-        if name in self.models and name not in self._runtime:
-            raise ValueError(f"{name!r} is served since start-up; an adapter loaded at runtime needs another name")
-        if self._runtime.cap and lora_rank(path) > self._max_lora_rank:
+    def _check_adapter(self, path: str) -> None:
+        if lora_rank(path) > self._max_lora_rank:
             raise ValueError(f"{path}: LoRA rank {lora_rank(path)} is above the {self._max_lora_rank} this engine "
                              f"was started with")
-        with self._lock:
-            lora = LoRARequest(name, next(self._lora_ids), str(path))
-            evicted = self._runtime.add(name, str(path))
-            self._llm.add_lora(lora)  # loaded now, not at the first request's step
-            replaced = self._loras.get(name)
-            self._loras[name] = lora
-            if replaced is not None:
-                self._retiring[replaced.lora_int_id] = replaced
-            elif name not in self.models:
-                self.models.append(name)
-            for old in evicted:
-                self._retire(old)
-            self._drop_unused()
-        return evicted
 
-    def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            if name not in self._runtime:
-                raise KeyError(name)
-            self._runtime.remove(name)
-            self._retire(name)
-            self._drop_unused()
+    def _attach(self, name: str, path: str):
+        from vllm.lora.request import LoRARequest
 
-    @property
-    def runtime_adapters(self) -> dict[str, str]:
-        return dict(self._runtime.paths)
+        lora = LoRARequest(name, next(self._lora_ids), str(path))
+        self._llm.add_lora(lora)  # loaded now, not at the first request's step
+        return lora
 
-    def _retire(self, name: str) -> None:
-        if name in self.models:
-            self.models.remove(name)
-        lora = self._loras.pop(name)
+    def _route(self, name: str, lora):
+        replaced = self._loras.get(name)
+        self._loras[name] = lora
+        return replaced
+
+    def _unroute(self, name: str):
+        return self._loras.pop(name)
+
+    def _detach(self, lora) -> None:
         self._retiring[lora.lora_int_id] = lora
 
     def _drop_unused(self) -> None:

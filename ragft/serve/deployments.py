@@ -101,8 +101,8 @@ class Retriever:
 
 @serve.deployment
 class TextGenerator:
-    async def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
-                       batch_wait_timeout_s: float):
+    def __init__(self, engine: str, engine_args: dict, batch_enabled: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float):
         self.engine = open_engine(engine, on_this_node(engine_args))
         # batching off = one request decoding at a time, through the same code: the benchmark's baseline.
         self._max_rows = max_batch_size if batch_enabled else 1
@@ -113,7 +113,20 @@ class TextGenerator:
         self._decoding: Optional[asyncio.Task] = None
         self._adapters_lock = asyncio.Lock()
         self._adapters_synced = 0.0
-        await self.sync_adapters()  # a replica started after adapters were loaded serves them too
+        self._load_adapters_at_start()
+
+    def _load_adapters_at_start(self) -> None:
+        """A replica started after adapters were loaded serves them too. Synchronous: Serve runs a coroutine
+        constructor on another event loop than the requests, and the batch's queues would wake the wrong one."""
+        import ray
+
+        state = ray.get(serve.get_deployment_actor(ACTOR_NAME).get.remote())
+        for name, entry in state["adapters"].items():
+            try:
+                self.engine.load_adapter(name, entry["checkpoint"])
+            except Exception:  # the next sync reports it to whoever loads adapters
+                log.exception("could not load adapter %s from %s", name, entry["checkpoint"])
+        self._adapters_synced = time.monotonic()
 
     def ping(self) -> bool:
         return True
