@@ -8,8 +8,9 @@ next to an SFT step on the same rows?
    `--steps` steps on those pairs; the held-out reward accuracy is `eval_reward_accuracy` in its result.json.
 3. Cost (`--bench-steps` each, one after the other in this run): the same LoRA/ZeRO-2/2-worker job with
    objective=dpo on the pairs and with objective=sft on the same rows as chat (prompt + chosen reply). Step time
-   is the mean over the second half of the steps (after start-up); memory is the peak resident memory of a worker
-   (CPU) or its peak accelerator memory. Prints both and DPO / SFT, and writes `<out>/bench_dpo.json`.
+   is the mean over the middle third of the steps (after start-up, before the final evaluation); memory is the peak resident memory of a worker
+   (CPU) or its peak accelerator memory. Both unpacked (one example or pair per row), so a step sees the same
+   rows. Prints both and DPO / SFT, and writes `<out>/bench_dpo.json`.
 
     python launch/bench_dpo.py [--out runs/bench_dpo] [--steps 30] [--bench-steps 6] [--questions 400]
                                [--skip-accuracy] [--skip-bench] [--precision fp32]
@@ -71,21 +72,27 @@ def accuracy_run(args, pairs: Path) -> dict:
     result = train(out_dir, "objective=dpo", f"data.train_path={pairs}", "data.eval_fraction=0.1",
                    f"train.max_steps={args.steps}", "train.log_every=5", f"train.eval_every={args.steps // 3}",
                    "train.eval_max_batches=5", f"train.save_every={args.steps}", f"strategy.precision={args.precision}")
+    every = args.steps // 3  # a log line repeats the last evaluation until the next one: keep evaluated steps
     evals = [{k: m[k] for k in ("step", "eval_loss", "eval_reward_accuracy", "eval_reward_margin")}
-             for m in history(out_dir) if "eval_reward_accuracy" in m]
+             for m in history(out_dir) if "eval_reward_accuracy" in m and (m["step"] % every == 0 or
+                                                                           m["step"] == args.steps)]
     return {"result": str(out_dir / "result.json"), "evals": evals,
             "eval_reward_accuracy": result["metrics"]["eval_reward_accuracy"],
             "train_rows": result["data"]["train_rows"], "eval_rows": result["data"]["eval_rows"]}
 
 
 def cost_run(args, objective: str, data: Path) -> dict:
+    """Step time of the middle third of the steps (after start-up, before the final evaluation, which the last
+    log window would include), peak memory at the end. Unpacked for SFT too: one example per row, as a pair."""
     out_dir = args.out / f"cost_{objective}"
-    half = args.bench_steps // 2
+    third = args.bench_steps // 3
     train(out_dir, f"objective={objective}", f"data.train_path={data}", "data.eval_fraction=0.05",
-          f"train.max_steps={args.bench_steps}", f"train.log_every={half}", "train.eval_every=100000",
-          "train.eval_max_batches=1", "train.save_every=100000", f"strategy.precision={args.precision}")
-    last = history(out_dir)[-1]  # the second window: steps after the first half
-    return {"step_time_s": last["step_time_s"], "mem_gb": last["mem_gb"], "tokens_per_s": last["tokens_per_s"]}
+          "data.packing=false", f"train.max_steps={3 * third}", f"train.log_every={third}",
+          "train.eval_every=100000", "train.eval_max_batches=1", "train.save_every=100000",
+          f"strategy.precision={args.precision}")
+    logged = history(out_dir)
+    middle, last = logged[1], logged[-1]
+    return {"step_time_s": middle["step_time_s"], "tokens_per_s": middle["tokens_per_s"], "mem_gb": last["mem_gb"]}
 
 
 def main() -> None:
