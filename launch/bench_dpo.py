@@ -108,7 +108,8 @@ def main() -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(args.out, args.questions)
-    report: dict = {"pairs": str(pairs)}
+    saved = args.out / "bench_dpo.json"
+    report: dict = {**(json.loads(saved.read_text()) if saved.is_file() else {}), "pairs": str(pairs)}  # keep parts skipped
     if not args.skip_accuracy:
         report["accuracy"] = accuracy_run(args, pairs)
         print(f"held-out reward accuracy after {args.steps} steps: {report['accuracy']['eval_reward_accuracy']:.3f} "
@@ -121,7 +122,7 @@ def main() -> None:
         print(f"{'':6} {'s/step':>8} {'peak GiB':>9}\n{'sft':6} {sft['step_time_s']:8.2f} {sft['mem_gb']:9.2f}\n"
               f"{'dpo':6} {dpo['step_time_s']:8.2f} {dpo['mem_gb']:9.2f}\n{'ratio':6} "
               f"{report['cost']['step_time_ratio']:8.2f} {report['cost']['mem_ratio']:9.2f}", flush=True)
-    (args.out / "bench_dpo.json").write_text(json.dumps(report, indent=2))
+    saved.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
