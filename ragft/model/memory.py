@@ -28,6 +28,11 @@ Training (`train_plan`) counts, per GPU, in GB (1e9 bytes):
   whose prompts carry no label), and per labelled position and vocabulary entry 2 bytes of bf16 logits, 4 of their
   fp32 copy, 4 of the log-softmax kept for backward and 4 of its gradient. With a fused loss (model.kernels=ragft
   or liger) logits exist one chunk at a time, about the size of the hidden states.
+- Preference tuning (objective=dpo, ragft.train.dpo): a row holds a pair, the chosen and the rejected sequence, so
+  activations and logits count twice the tokens of a row; the reference's forward runs without gradients (one
+  layer's activations at a time, within the runtime allowance). A full fine-tune adds the frozen reference copy:
+  its weights, sharded as the policy's are (ZeRO-3, FSDP2) or whole on every GPU; LoRA's reference is the base
+  with the adapters off, so nothing.
 - Runtime: 2 GB assumed for the CUDA context, NCCL and the communication buckets.
 
 Serving (`serve_plan`) counts the weights over tensor × pipeline parallel GPUs and the KV cache
@@ -237,15 +242,19 @@ class TrainSetup:
     seq_len: int = 2048
     checkpointing: bool = False
     fused_loss: bool = False  # model.kernels=ragft or liger
+    preference: bool = False  # objective=dpo: pairs per row, and a frozen reference copy for a full fine-tune
 
 
 def train_plan(shape: Shape, setup: TrainSetup, gpu_memory_gb: float, name: str = "model") -> Plan:
     """Per-GPU memory of a training job (module docstring: what is counted and after whom)."""
     s, n = setup, max(setup.gpus, 1)
     rows = _fsdp2_states(shape, s, n) if s.fsdp2 else _deepspeed_states(shape, s, n)
+    if s.preference and s.method == "full":
+        rows.append(_reference_copy(shape, s, n))
     rows += _activation_rows(shape, s)
     rows.append(Row("runtime", RUNTIME_BYTES, 0, "CUDA context, NCCL, communication buckets (assumed)"))
     title = (f"memory plan per GPU: {name} ({shape.params / 1e9:.2f}B parameters), method={s.method}, "
+             f"{'objective=dpo, ' if s.preference else ''}"
              f"strategy={s.strategy}, {s.precision}, {n} GPUs, micro batch {s.micro_batch_size} × {s.seq_len} tokens, "
              f"gradient checkpointing {'on' if s.checkpointing else 'off'}")
     return Plan(title, tuple(rows), gpu_memory_gb * GB, "cluster.gpu_memory_gb")
@@ -314,9 +323,19 @@ def _fsdp2_states(shape: Shape, s: TrainSetup, n: int) -> list[Row]:
     return rows
 
 
+def _reference_copy(shape: Shape, s: TrainSetup, n: int) -> Row:
+    """objective=dpo, full fine-tune: the frozen reference model, sharded like the policy's weights."""
+    if s.fsdp2:
+        return Row("reference model", 4 * shape.params / n, 0, f"{shape.params / 1e9:.2f}B × 4 B fp32 shards ÷ {n}")
+    w, sharded = (2 if s.precision == "bf16" else 4), s.zero_stage == 3 and n > 1
+    return _placed("reference model", w * shape.params / (n if sharded else 1), s.offload_params,
+                   f"{shape.params / 1e9:.2f}B × {w} B, frozen, " + (f"÷ {n} GPUs" if sharded else "whole on every GPU"))
+
+
 def _activation_rows(shape: Shape, s: TrainSetup) -> list[Row]:
     value = 2 if s.precision == "bf16" else 4
-    tokens = s.micro_batch_size * s.seq_len
+    # objective=dpo: a row holds the chosen and the rejected sequence, each up to seq_len tokens
+    tokens = s.micro_batch_size * s.seq_len * (2 if s.preference else 1)
     per_layer = shape.activation_bytes_per_token(value)
     if s.method != "full" and s.lora_dropout > 0:
         # each adapter keeps its own dropped-out input (value bytes) and dropout mask (1 byte) for lora_A's backward
@@ -337,8 +356,9 @@ def _activation_rows(shape: Shape, s: TrainSetup) -> list[Row]:
     return [Row("activations", act, 0, basis), Row("logits", logits, 0, how)]
 
 
-def train_setup(model, method, strategy, train, data, cluster, precision: str) -> TrainSetup:
-    """The TrainSetup of a `ragft train` job's config sections (ragft.config.schema) and resolved precision."""
+def train_setup(model, method, strategy, train, data, cluster, precision: str, objective: str = "sft") -> TrainSetup:
+    """The TrainSetup of a `ragft train` job's config sections (ragft.config.schema), resolved precision and
+    objective name."""
     fsdp2 = strategy.name == "fsdp2" or str(getattr(strategy, "backend", "deepspeed")) == "fsdp2"
     return TrainSetup(method=str(method.name), lora_r=method.r, lora_targets=tuple(method.target_modules),
                       lora_dropout=method.dropout,
@@ -346,7 +366,8 @@ def train_setup(model, method, strategy, train, data, cluster, precision: str) -
                       offload_optimizer=strategy.offload_optimizer, offload_params=strategy.offload_params,
                       fsdp2=fsdp2, fsdp2_offload=bool(getattr(strategy, "cpu_offload", False)), precision=precision,
                       gpus=cluster.num_workers, micro_batch_size=train.micro_batch_size, seq_len=data.max_seq_len,
-                      checkpointing=model.gradient_checkpointing, fused_loss=str(model.kernels) in ("ragft", "liger"))
+                      checkpointing=model.gradient_checkpointing, fused_loss=str(model.kernels) in ("ragft", "liger"),
+                      preference=objective == "dpo")
 
 
 def knobs_that_fit(shape: Shape, setup: TrainSetup, gpu_memory_gb: float) -> list[tuple[str, float]]:

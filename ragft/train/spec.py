@@ -280,7 +280,8 @@ def memory_plan(job, model: ModelConfig, hardware: Hardware):
         return None
     precision = _resolve_precision(str(job.strategy.precision), on_gpu=True,
                                    assume_gpu_bf16=hardware.remote_gpus or not hardware.cuda)
-    setup = train_setup(model, job.method, job.strategy, job.train, job.data, job.cluster, precision)
+    setup = train_setup(model, job.method, job.strategy, job.train, job.data, job.cluster, precision,
+                        objective=str(job.objective.name))
     return shape, setup, train_plan(shape, setup, job.cluster.gpu_memory_gb, name=model.source or model.name)
 
 

@@ -124,6 +124,24 @@ def test_checkpointing_and_micro_batch_scale_activations_as_the_formula_says():
     assert lora.gb("activations") - plain.gb("activations") == pytest.approx(2 * 4096 * 32 * 3 * inputs / GB)
 
 
+def test_dpo_counts_both_sequences_of_a_pair_and_a_full_fine_tunes_reference_copy():
+    s = shape(LLAMA3_8B)
+    sft = TrainSetup(gpus=8, zero_stage=2, micro_batch_size=1, seq_len=2048)
+    dpo = train_plan(s, replace(sft, preference=True), 80)
+    plain = train_plan(s, sft, 80)
+    # a row is a pair: twice the tokens through the layers and the LM head
+    assert dpo.gb("activations", "logits") == pytest.approx(2 * plain.gb("activations", "logits"))
+    # full fine-tuning keeps a frozen bf16 reference: whole under ZeRO-2, sharded under ZeRO-3 and FSDP2
+    assert dpo.gb("reference model") == pytest.approx(2 * s.params / GB)
+    zero3 = train_plan(s, replace(sft, preference=True, zero_stage=3), 80)
+    assert zero3.gb("reference model") == pytest.approx(2 * s.params / 8 / GB)
+    fsdp2 = train_plan(s, replace(sft, preference=True, fsdp2=True), 80)
+    assert fsdp2.gb("reference model") == pytest.approx(4 * s.params / 8 / GB)
+    # LoRA's reference is the base with its adapters off: no copy
+    lora = train_plan(s, replace(sft, preference=True, method="lora"), 80)
+    assert "reference model" not in [row.part for row in lora.rows]
+
+
 def test_serving_70b_over_8_gpus_fits_and_on_one_does_not():
     s = shape(LLAMA3_70B)
     assert s.kv_bytes_per_token(2) == 2 * 80 * 8 * 128 * 2  # 320 KiB per token
