@@ -536,6 +536,28 @@ def test_max_rows_one_serves_requests_one_after_another(engine, ref):
         assert_matches(engine, ref, request, results[request.request_id])
 
 
+def test_running_rows_are_not_held_up_by_one_token_requests_joining_every_step(engine, ref):
+    """What a closed-loop benchmark does (launch/bench_serve.py --adapter-load): pairs of clients send the same
+    prompt, and requests that end at their first token come back at every step. Each running row still takes
+    one step per token (an 8-token request, 8 steps), and the rows of a pair finish on the same step."""
+    batch, results = engine.open_batch(), {}
+    long = [greedy(f"long{i}", "a", encode(engine, PROMPTS[2]), 8) for i in range(2)]
+    for request in long:
+        batch.add(request.request_id, request)
+    finished_at = {}
+    for step in range(1, 9):
+        for i in range(2):  # an identical pair, prefilled and finished within the step
+            short = greedy(f"short{step}-{i}", "a", encode(engine, PROMPTS[0]), 1)
+            batch.add(short.request_id, short)
+        _drain(batch, results)
+        finished_at.update({k: step for k, r in results.items() if r.finish_reason and k not in finished_at})
+    assert not batch.busy
+    assert {k: v for k, v in finished_at.items() if k.startswith("long")} == {"long0": 8, "long1": 8}
+    assert all(finished_at[f"short{step}-{i}"] == step for step in range(1, 9) for i in range(2))
+    for request in long + [greedy("short1-0", "a", encode(engine, PROMPTS[0]), 1)]:
+        assert_matches(engine, ref, request, results[request.request_id])
+
+
 # --- adapters loaded and unloaded at runtime
 
 
