@@ -407,9 +407,10 @@ def bench_adapter_load(args) -> None:
         with httpx.Client(timeout=600, headers={"authorization": f"Bearer {user}"}) as client:
             while not stop.is_set():
                 started = time.perf_counter()
-                client.post(f"{url}/completions", json=body).raise_for_status()
+                answer = client.post(f"{url}/completions", json=body)
+                answer.raise_for_status()
                 with lock:
-                    spans.append((started, time.perf_counter()))
+                    spans.append((started, time.perf_counter(), answer.json()["usage"]["completion_tokens"]))
 
     loads = []
     try:
@@ -434,11 +435,15 @@ def bench_adapter_load(args) -> None:
         serve.shutdown()
         ray.shutdown()
     first = loads[0][0] if loads else float("inf")
-    warm = [s for s in spans if s[0] > spans[0][1]]  # from the first request's end on
+    # Only requests that ran the full max_tokens: answers of other lengths (a question the model ends at once)
+    # would make the percentiles measure the prompt mix instead of the loads.
+    full = [(s, e) for s, e, tokens in spans if tokens == args.max_tokens]
+    warm = [s for s in full if s[0] > spans[0][1]]  # from the first request's end on
     before = [(e - s) * 1000 for s, e in warm if e < first]
-    during = [(e - s) * 1000 for s, e in spans if any(s < le and e > ls for ls, le, _ in loads)]
+    during = [(e - s) * 1000 for s, e in full if any(s < le and e > ls for ls, le, _ in loads)]
     print(f"\n{base.name}, serve.engine={args.serve_engine}, LoRA rank {args.lora_rank} on every linear layer, "
-          f"{args.concurrency[0]} closed-loop clients on A, max_tokens={args.max_tokens}, {args.loads} loads of B")
+          f"{args.concurrency[0]} closed-loop clients on A, max_tokens={args.max_tokens}, {args.loads} loads of B; "
+          f"latencies of the {len(full)} of {len(spans)} requests that ran all {args.max_tokens} tokens")
     if not loads:
         print(f"A's request latency, no load: p50 {_pct(before, 50):.0f} ms, p99 {_pct(before, 99):.0f} ms, max "
               f"{max(before):.0f} ms ({len(before)} requests)")
