@@ -32,6 +32,7 @@ from ragft.jsonl import append_jsonl, read_records, write_jsonl
 from ragft.model.build import load_model, load_tokenizer
 from ragft.train import checkpoint, fsdp2
 from ragft.train.deepspeed_config import render, warmup_cosine
+from ragft.train.extension_lock import clear_stale_lock
 from ragft.train.flops import flops_per_token, peak_flops_per_device
 from ragft.train.dpo import PAIR_SUMS, PairTotals, build_reference, objective_loss, pair_metrics
 from ragft.train.progress import Sink, printing_sink
@@ -202,6 +203,8 @@ def _start_engine(spec: TrainSpec):
     schedule = warmup_cosine(spec.plan.total_steps, spec.train.warmup_ratio, spec.train.min_lr_ratio)
     if fsdp:
         return fsdp2.build_engine(model, spec, _device(spec), schedule), tokenizer, throughput
+    if not spec.cluster.use_gpu:
+        clear_stale_lock()  # DeepSpeed loads its CPU communication op next
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
