@@ -372,6 +372,12 @@ def lora_checkpoint(base: Path, dest: Path, seed: int, rank: int) -> Path:
     return dest
 
 
+# Open text to continue: unlike the questions, which a chat model may answer in one token, these run to max_tokens,
+# so every request of the adapter-load bench costs the same and its percentiles measure the loads.
+CONTINUATIONS = ["The ferry left the harbour at dawn, and", "Once upon a time, in a small harbour town,",
+                 "The history of the ferry service began", "Passengers on the night ferry often"]
+
+
 def bench_adapter_load(args) -> None:
     """Latency of requests on adapter A before and during runtime loads of adapter B, and the loads' duration."""
     import httpx
@@ -402,7 +408,7 @@ def bench_adapter_load(args) -> None:
     spans, lock, stop = [], threading.Lock(), threading.Event()
 
     def client_loop(i: int) -> None:
-        body = {"model": "A", "prompt": QUESTIONS[i % len(QUESTIONS)], "max_tokens": args.max_tokens,
+        body = {"model": "A", "prompt": CONTINUATIONS[i % len(CONTINUATIONS)], "max_tokens": args.max_tokens,
                 "temperature": 0}
         with httpx.Client(timeout=600, headers={"authorization": f"Bearer {user}"}) as client:
             while not stop.is_set():
